@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each creates .venv when missing).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch pinned for machines without a GPU; override TORCH_SPEC / TORCH_PIP_ARGS to
+# point pip at another build (e.g. TORCH_PIP_ARGS="--index-url <your CPU wheel index>").
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_NPROC ?= 2
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+ifeq ($(HAS_GPU),1)
+	@echo "GPU found: keeping or installing a CUDA torch from requirements.txt"
+else
+	@echo "no GPU: installing the CPU build of torch ($(TORCH_SPEC))"
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+endif
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+# A 2-rank ZeRO-3 QLoRA job of a tiny random model on the bundled data (CPU when there is no GPU).
+demo: venv
+	$(PY) tools/make_tiny_model.py --like llama-3.1-8b --out runs/tiny-llama
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 $(VENV)/bin/deepspeed --num_gpus $(DEMO_NPROC) \
+		harness/train.py --config harness/recipes/demo_qlora.yaml
+	@echo "metrics: runs/demo_qlora/metrics.jsonl   adapter: runs/demo_qlora/adapter"
+
+# The whole suite: unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU).
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15
+
+# Unit tier only.
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not distributed and not slow"
+
+clean:
+	rm -rf runs

@@ -1,0 +1,448 @@
+"""Typed recipe configuration: defaults < recipe YAML < CLI `dotted.key=value` overrides.
+
+Every key is checked: an unknown or misspelt key is a `ConfigError` naming the file, the line and the
+nearest valid key. `validate()` checks everything that can be checked before any rank loads a model
+(paths, dtypes, batch divisibility, method / quantisation / ZeRO combinations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a recipe or on the command line. The message names the problem and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe tree. Each field's comment is its documentation (see README "Recipe reference").
+# --------------------------------------------------------------------------------------------------
+
+METHODS = ("full", "lora", "qlora", "int8")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+CHECKPOINTING = ("none", "full", "every_k")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
+DATA_FORMATS = ("alpaca", "completion", "text", "chat")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local Hugging Face model directory (config.json + *.safetensors)
+    attn_implementation: str = "auto"  # auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa
+    trust_remote_code: bool = False  # run the model directory's own Python code (off unless you trust it)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator: the update is (alpha / r) * B @ A
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, v_proj, ...)
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""  # local JSONL / JSON / Parquet / CSV file or a saved Arrow dataset directory
+    format: str = "alpaca"  # alpaca | completion | text | chat
+    weight: float = 1.0  # mixing weight (relative)
+    columns: dict = field(default_factory=dict)  # rename map: {expected_name: name_in_file}
+
+
+@dataclass
+class DataConfig:
+    sources: list = field(default_factory=list)  # list of SourceConfig
+    val_path: str = ""  # separate validation file (same format as the first source)
+    val_fraction: float = 0.0  # or hold out this fraction of the training rows
+    seq_len: int = 512  # tokens per sample; longer samples are truncated (counted in the log)
+    train_on_inputs: bool = False  # true: loss on prompt tokens too
+    on_error: str = "raise"  # raise | skip: what to do with a malformed row
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; bf16 | fp16 | fp32
+    micro_batch_size: int = 1  # samples per rank per forward
+    global_batch_size: int = 8  # samples per optimizer step = micro_batch_size * grad_accum * world_size
+    max_steps: int = 100  # optimizer steps
+    lr: float = 2e-4
+    lr_schedule: str = "cosine"  # cosine | linear | constant (each after a linear warmup)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    weight_decay: float = 0.0
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    gradient_checkpointing: str = "none"  # none | full | every_k (non-reentrant)
+    checkpoint_every_k: int = 2  # with every_k: recompute every k-th decoder layer
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = known GPU table, none on CPU
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 50  # 0 disables periodic eval (a final eval still runs if there is validation data)
+    max_samples: int = 0  # evaluate on the first N validation samples (all ranks together); 0 = all
+    early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = off
+    early_stopping_min_delta: float = 0.0
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 1
+    progress_bar: bool = True  # tqdm on rank 0
+    wandb: bool = False  # offline when WANDB_API_KEY is not set
+    wandb_project: str = "harness"
+    wandb_run_name: str = ""
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero3.json"  # a JSON file; "auto" values are filled from this recipe
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "lora"  # full | lora | qlora (NF4 4-bit base + LoRA) | int8 (8-bit base + LoRA)
+    freeze_layers: int = -1  # full only: train decoder layers >= K (and the head); -1 = off
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    output_dir: str = "runs/default"
+
+
+# Fields whose value is a list of nested dataclasses.
+_LIST_OF = {("data", "sources"): SourceConfig}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers, strict keys, dotted overrides.
+# --------------------------------------------------------------------------------------------------
+
+
+def _yaml_with_lines(text: str, origin: str) -> tuple[Any, dict[str, int]]:
+    """Parse YAML and remember the line of each dotted key (for error messages)."""
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from e
+    lines: dict[str, int] = {}
+
+    def walk(n, prefix):
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                walk(v, f"{prefix}{i}.")
+
+    walk(node, "")
+    return data, lines
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# Names other tools use for our keys: suggested when a recipe uses them.
+_ALIASES = {
+    "learning_rate": "lr", "batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "gradient_accumulation_steps": "global_batch_size",
+    "steps": "max_steps", "num_steps": "max_steps", "max_seq_len": "seq_len", "seq_length": "seq_len",
+    "max_length": "seq_len", "sequence_len": "seq_len", "rank": "r", "lora_r": "r", "lora_alpha": "alpha",
+    "dtype": "precision", "torch_dtype": "precision", "grad_clip": "max_grad_norm", "clip_grad_norm": "max_grad_norm",
+}
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    names = [v.rsplit(".", 1)[-1] for v in valid]
+    aliases = {a: c for a, c in _ALIASES.items() if c in names}
+    close = difflib.get_close_matches(leaf, names + list(aliases), n=1, cutoff=0.5)
+    close = [aliases.get(c, c) for c in close]
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(v.rsplit('.', 1)[-1] for v in valid)}"
+    return ConfigError(f"{where}unknown key '{key}'; {hint}")
+
+
+def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
+    """Check a scalar against its declared type; ints are accepted where floats are expected."""
+    if typ is Any:
+        return value
+    if value is None:
+        raise ConfigError(f"{where}key '{key}' has no value; set it or remove the line")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ in (list, dict) or typing.get_origin(typ) in (list, dict):
+        base = typing.get_origin(typ) or typ
+        if isinstance(value, base):
+            return value
+    else:
+        return value
+    tname = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{where}key '{key}' must be {tname}, got {value!r}")
+
+
+def _line_of(dotted: str, lines: dict[str, int]) -> int | None:
+    """Line of a key, or of its nearest recorded parent (0 = set on the command line)."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        line = lines.get(".".join(parts[:n]))
+        if line is not None:
+            return line
+    return None
+
+
+def _build(cls, data: Any, prefix: str, lines: dict[str, int], origin: str):
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {data!r}")
+    types_ = _field_types(cls)
+    valid = [f"{prefix}{n}" for n in types_]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        line = _line_of(dotted, lines)
+        where = "command-line override: " if line == 0 else f"{origin}:{line}: " if line else f"{origin}: "
+        if key not in types_:
+            raise _unknown_key(dotted, valid, where)
+        typ = types_[key]
+        path = tuple(dotted.split("."))
+        if path in _LIST_OF:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}key '{dotted}' must be a list")
+            kwargs[key] = [_build(_LIST_OF[path], v, f"{dotted}.{i}.", lines, origin) for i, v in enumerate(value)]
+        elif dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, dotted + ".", lines, origin)
+        else:
+            kwargs[key] = _coerce(value, typ, dotted, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in a nested dict/list tree, creating mappings and list entries on the way."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"command-line override '{dotted}': '{part}' must be a list index (0, 1, ...)")
+            idx = int(part)
+            while len(node) <= idx:
+                node.append({})
+            if last:
+                node[idx] = value
+            node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = [] if parts[i + 1].isdigit() else {}
+                node = node[part]
+        else:
+            parent = ".".join(parts[:i])
+            raise ConfigError(f"command-line override '{dotted}': '{parent}' is a value, not a section")
+
+
+def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
+    """Defaults < recipe file < `dotted.key=value` overrides (values parsed as YAML scalars)."""
+    tree: dict = {}
+    lines: dict[str, int] = {}
+    origin = "command line"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe file '{path}' does not exist; pass --config harness/recipes/NAME.yaml")
+        origin = str(p)
+        tree, lines = _yaml_with_lines(p.read_text(), origin)
+        tree = tree or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+        lines[key.strip()] = 0  # 0 = from the command line
+    return _build(Recipe, tree, "", lines, origin)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: everything checkable without loading a model.
+# --------------------------------------------------------------------------------------------------
+
+
+def _choice(value: str, allowed: tuple, key: str) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"'{key}: {value}' is not one of {', '.join(allowed)}{hint}")
+
+
+def read_model_config(model_path: str) -> dict:
+    """The model's config.json as a dict (no weights are read)."""
+    return json.loads((Path(model_path) / "config.json").read_text())
+
+
+def load_ds_json(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        shipped = sorted(x.name for x in (Path(__file__).resolve().parent.parent / "ds_configs").glob("*.json"))
+        raise ConfigError(
+            f"deepspeed.config '{path}' does not exist; use one of ds_configs/{{{','.join(shipped)}}} or your own file"
+        )
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
+
+
+def validate(recipe: Recipe, world_size: int) -> None:
+    """Raise ConfigError on the first problem. Runs on every rank before any model is loaded."""
+    _choice(recipe.method, METHODS, "method")
+    _choice(recipe.train.precision, PRECISIONS, "train.precision")
+    _choice(recipe.train.gradient_checkpointing, CHECKPOINTING, "train.gradient_checkpointing")
+    _choice(recipe.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+    _choice(recipe.model.attn_implementation, ATTN_IMPLS, "model.attn_implementation")
+    _choice(recipe.data.on_error, ("raise", "skip"), "data.on_error")
+
+    # Model directory.
+    mp = recipe.model.path
+    if not mp:
+        raise ConfigError("model.path is empty; set it to a local Hugging Face model directory (model.path=/path/to/model)")
+    if not Path(mp).is_dir():
+        raise ConfigError(f"model.path '{mp}' does not exist; point model.path at a local Hugging Face model directory")
+    if not (Path(mp) / "config.json").is_file():
+        raise ConfigError(f"model.path '{mp}' has no config.json; it must be a Hugging Face model directory")
+    if not any(Path(mp).glob("*.safetensors")):
+        raise ConfigError(f"model.path '{mp}' has no *.safetensors weights; convert the checkpoint to safetensors")
+    n_layers = int(read_model_config(mp).get("num_hidden_layers", 0))
+
+    # Method combinations.
+    if recipe.method in ("qlora", "int8") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"method '{recipe.method}' needs bitsandbytes; pip install 'bitsandbytes>=0.45' or set method=lora")
+    if recipe.method in ("lora", "qlora", "int8") and importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"method '{recipe.method}' needs peft; pip install 'peft>=0.13' or set method=full")
+    if recipe.freeze_layers >= 0:
+        if recipe.method != "full":
+            raise ConfigError("freeze_layers applies to method=full only; remove it or set method=full")
+        if recipe.freeze_layers >= n_layers:
+            raise ConfigError(f"freeze_layers={recipe.freeze_layers} freezes all {n_layers} layers; use a value below {n_layers}")
+    if recipe.lora.r <= 0:
+        raise ConfigError(f"lora.r must be positive, got {recipe.lora.r}")
+    if not (recipe.lora.target_modules == "all-linear" or isinstance(recipe.lora.target_modules, list)):
+        raise ConfigError("lora.target_modules must be 'all-linear' or a list of module names like [q_proj, v_proj]")
+
+    # DeepSpeed file and stage.
+    ds = load_ds_json(recipe.deepspeed.config)
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if recipe.method == "int8" and stage == 3:
+        raise ConfigError(
+            "method=int8 with ZeRO-3 is refused: an 8-bit base under ZeRO-3 trains on a wrong loss "
+            "(bitsandbytes#1451); use deepspeed.config=ds_configs/zero2.json or method=qlora"
+        )
+    if recipe.train.precision == "fp16" and recipe.method == "qlora":
+        raise ConfigError("method=qlora computes in bf16 or fp32; set train.precision=bf16 (GPU) or fp32 (CPU)")
+
+    # Batch arithmetic.
+    t = recipe.train
+    for key in ("micro_batch_size", "global_batch_size", "max_steps"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x world_size = "
+            f"{t.micro_batch_size} x {world_size}; pick a global batch that is a multiple of {per_step}"
+        )
+    if t.gradient_checkpointing == "every_k" and t.checkpoint_every_k < 1:
+        raise ConfigError("train.checkpoint_every_k must be >= 1")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+
+    # Data.
+    d = recipe.data
+    if not d.sources:
+        raise ConfigError("data.sources is empty; add at least one {path, format} entry")
+    for i, src in enumerate(d.sources):
+        _choice(src.format, DATA_FORMATS, f"data.sources.{i}.format")
+        if not src.path or not Path(src.path).exists():
+            raise ConfigError(f"data.sources.{i}.path '{src.path}' does not exist; fix the path or generate it (python tools/make_dataset.py)")
+        if src.weight <= 0:
+            raise ConfigError(f"data.sources.{i}.weight must be positive, got {src.weight}")
+    if d.val_path and not Path(d.val_path).exists():
+        raise ConfigError(f"data.val_path '{d.val_path}' does not exist; fix the path or use data.val_fraction")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.seq_len < 8:
+        raise ConfigError(f"data.seq_len={d.seq_len} is too small")
+
+
+def resolve_precision(precision: str, on_cuda: bool) -> str:
+    if precision == "auto":
+        return "bf16" if on_cuda else "fp32"
+    return precision
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+__all__ = [
+    "ConfigError",
+    "Recipe",
+    "load_recipe",
+    "validate",
+    "dump_yaml",
+    "to_dict",
+    "read_model_config",
+    "load_ds_json",
+    "resolve_precision",
+    "env_world_size",
+]

@@ -1,0 +1,92 @@
+"""Process-group setup and rank helpers. Model code never imports this module.
+
+Works under `deepspeed`, `torchrun` and a plain `python` process: with no launcher the harness becomes
+a world of one (RANK=0, WORLD_SIZE=1, a free local port) so the same code path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> None:
+    """Give a plain `python` process the variables a launcher would have set."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+
+
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU)."""
+    launcher_env()
+    # Fail with a stack trace instead of hanging forever when one rank dies inside a collective.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed 0.19 calls collectives that torch 2.13 renamed, once per step; the warning is not
+    # actionable by users and buries the log. (Filter set after the import, which resets filters.)
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    acc = get_accelerator()
+    if acc.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=acc.communication_backend_name(),
+            timeout=datetime.timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        local_rank=local_rank,
+        world_size=torch.distributed.get_world_size(),
+        device=device,
+    )
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (float64 so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,177 @@
+"""Build the model to train from a local Hugging Face directory: precision, quantisation, LoRA,
+frozen layers and the gradient-checkpointing policy. No launcher, Slurm or process-group code here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from harness import _optional
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class ParamCounts:
+    trainable: int
+    total: int  # logical size: a 4-bit weight counts as its unquantised number of elements
+
+    def line(self) -> str:
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        return f"parameters: {self.trainable:,} trainable of {self.total:,} total ({pct:.3f}%)"
+
+
+def choose_attn_implementation(requested: str, on_cuda: bool, precision: str) -> str:
+    if requested != "auto":
+        if requested == "flash_attention_2" and not _optional.flash_attn_usable():
+            _optional.require("flash_attn")  # raises with the install hint
+        return requested
+    # flash-attn kernels are 16-bit only; fp32 runs take sdpa.
+    if on_cuda and precision in ("bf16", "fp16") and _optional.flash_attn_usable():
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def logical_numel(p: torch.nn.Parameter) -> int:
+    """Elements a parameter stands for, whether it is ZeRO-3 partitioned and/or 4-bit packed."""
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return math.prod(qs.shape)
+    if hasattr(p, "ds_numel"):  # ZeRO-3 partitioned: the local tensor is a shard (or empty)
+        return int(p.ds_numel)
+    return p.numel()
+
+
+def count_parameters(model: torch.nn.Module) -> ParamCounts:
+    trainable = total = 0
+    for p in model.parameters():
+        n = logical_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return ParamCounts(trainable, total)
+
+
+def quantization_config(method: str, compute_dtype: torch.dtype):
+    """bitsandbytes settings. For 4-bit the packed bytes are stored in `compute_dtype` tensors
+    (`bnb_4bit_quant_storage`) so ZeRO-3 sees one dtype and partitions them like any other weight;
+    uint8 storage would be cast (and corrupted) by DeepSpeed's dtype conversion."""
+    if method not in ("qlora", "int8"):
+        return None
+    _optional.require("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=compute_dtype,
+    )
+
+
+def load_model(
+    path: str,
+    *,
+    method: str,
+    precision: str,
+    attn_implementation: str,
+    device: torch.device,
+    zero3: bool,
+    trust_remote_code: bool = False,
+    freeze_layers: int = -1,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_targets="all-linear",
+    seed: int = 0,
+):
+    """Load the causal LM and make only the parameters of `method` trainable.
+
+    Under ZeRO-3 the caller must have created a `transformers.integrations.HfDeepSpeedConfig` (and keep
+    it alive) so `from_pretrained` builds the model inside `deepspeed.zero.Init`: each rank then holds
+    only its shard of every 16/32-bit weight.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[precision]
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    qcfg = quantization_config(method, dtype)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+        if not zero3:
+            # bitsandbytes quantises while placing weights on the device.
+            kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # the KV cache is for generation; training never reads it
+
+    if method == "full":
+        if freeze_layers >= 0:
+            freeze_below(model, freeze_layers)
+        return model
+
+    peft = _optional.require("peft")
+    # Seed right before the adapters are created so their init is identical on every rank and for
+    # any world size, whatever random numbers model loading consumed.
+    torch.manual_seed(seed)
+    lcfg = peft.LoraConfig(
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=lora_targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    model = peft.get_peft_model(model, lcfg)
+    # peft keeps adapters in fp32 over a 16-bit base; DeepSpeed wants one dtype for trainable weights.
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks (`model.layers` in Llama, Mistral, Qwen2, peft-wrapped or not)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.endswith("layers"):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def freeze_below(model: torch.nn.Module, k: int) -> None:
+    """Train only decoder layers >= k, the final norm and the head (transfer-learning recipe).
+    Embeddings are frozen; with tied embeddings the head shares them and is frozen too."""
+    layers = decoder_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[k:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    inner = getattr(model, "model", model)
+    norm = getattr(inner, "norm", None)
+    if norm is not None:
+        for p in norm.parameters():
+            p.requires_grad_(True)
+    head = model.get_output_embeddings()
+    if head is not None and not getattr(model.config, "tie_word_embeddings", False):
+        for p in head.parameters():
+            p.requires_grad_(True)
+
+
+def apply_gradient_checkpointing(model: torch.nn.Module, policy: str, every_k: int = 2) -> int:
+    """Recompute activations in backward. `full`: every decoder layer; `every_k`: every k-th layer.
+    Non-reentrant (`use_reentrant=False`): works with frozen inputs (LoRA) and with ZeRO-3's parameter
+    hooks, which re-gather partitioned weights during the recompute. Returns the checkpointed count."""
+    if policy == "none":
+        return 0
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        every_n_layers=1 if policy == "full" else every_k,
+    )
+    return sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in decoder_layers(model))

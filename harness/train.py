@@ -1,0 +1,346 @@
+"""Fine-tune a causal LM with DeepSpeed (ZeRO-0/2/3): full, LoRA, QLoRA or int8 + LoRA.
+
+    # one node, 8 GPUs
+    deepspeed --num_gpus 8 harness/train.py --config harness/recipes/llama3_8b_qlora.yaml
+    # the same under torchrun, or as one plain process
+    torchrun --nproc_per_node 8 harness/train.py --config harness/recipes/llama3_8b_qlora.yaml
+    python harness/train.py --config harness/recipes/demo_qlora.yaml train.max_steps=10
+    # print the resolved recipe and DeepSpeed config, load nothing
+    python harness/train.py --config harness/recipes/demo_qlora.yaml --dry-run
+
+Overrides are `dotted.key=value` (YAML-typed) and win over the recipe file, which wins over defaults.
+Exit codes: 0 done, 2 bad recipe / input (one line on stderr naming the problem and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (deepspeed / torchrun / python harness/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from harness import checkpoint, config, data, distributed, metrics
+from harness import model as model_lib
+from harness.config import ConfigError
+from harness.deepspeed_config import offloads_optimizer, resolve_ds_config, zero_stage
+
+EXIT_CONFIG_ERROR = 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="recipe YAML (harness/recipes/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed config, then exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    return p.parse_intermixed_args(argv)
+
+
+def prepare(argv: list[str]):
+    """Everything that can fail on user input, done before any process group or model exists."""
+    args = parse_args(argv)
+    recipe = config.load_recipe(args.config, args.overrides)
+    world_size = config.env_world_size()
+    config.validate(recipe, world_size)
+    on_cuda = torch.cuda.is_available()
+    precision = config.resolve_precision(recipe.train.precision, on_cuda)
+    model_cfg = config.read_model_config(recipe.model.path)
+    ds = resolve_ds_config(
+        config.load_ds_json(recipe.deepspeed.config),
+        recipe,
+        world_size=world_size,
+        hidden_size=int(model_cfg["hidden_size"]),
+        precision=precision,
+        on_cuda=on_cuda,
+        src=recipe.deepspeed.config,
+    )
+    return args, recipe, precision, ds, model_cfg
+
+
+def build_optimizer(params: list, recipe: config.Recipe, ds: dict):
+    t = recipe.train
+    kw = dict(lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    if offloads_optimizer(ds):  # ZeRO-Offload steps on the host with DeepSpeed's vectorised CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kw)
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of train.lr for optimizer step `step` (0-based). Warmup is linear and reaches the
+    full rate at step warmup_steps - 1, so the first step already learns (a ramp from 0 wastes it);
+    then cosine or linear decay to min_lr_ratio at the last step, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps + 1) / max(1, max_steps - warmup_steps)
+    progress = min(progress, 1.0)
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer, recipe: config.Recipe):
+    t = recipe.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        functools.partial(lr_factor, schedule=t.lr_schedule, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio),
+    )
+
+
+def token_loss_sum(engine, batch: dict) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the batch's target tokens (fp32)."""
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
+
+
+def train_step(engine, window: list[dict], dist: distributed.DistInfo) -> tuple[float, float | None, float, float]:
+    """One optimizer step over `window` (this rank's grad-accumulation micro-batches).
+
+    The loss is normalised by the number of target tokens in the whole window on all ranks, so every
+    token weighs the same whatever micro-batch or rank it landed on (a mean of per-micro-batch means
+    would over-weight short batches). DeepSpeed averages gradients over ranks, so each micro-batch's
+    token sum is scaled by world_size / global_tokens; `scale_wrt_gas=False` stops DeepSpeed from also
+    dividing by the number of micro-batches.
+    """
+    local_targets = sum(int((b["targets"] != data.IGNORE_INDEX).sum()) for b in window)
+    local_inputs = sum(int(b["attention_mask"].sum()) for b in window)
+    (global_targets,) = distributed.all_reduce_sum([local_targets], dist.device)
+    scale = dist.world_size / max(global_targets, 1.0)
+    loss_sum, grad_norm = 0.0, None
+    for i, batch in enumerate(window):
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        loss = token_loss_sum(engine, batch)
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        if i == len(window) - 1 and engine.zero_optimization_stage() == 0:
+            # ZeRO-0 clips without recording the norm: measure the all-reduced gradients here.
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        engine.step()  # DeepSpeed only updates on the last micro-batch of the window
+        loss_sum += loss.item()
+    if grad_norm is None:
+        norm = engine.get_global_grad_norm()  # ZeRO-1/2/3: the pre-clipping global norm
+        grad_norm = float(norm) if norm is not None else None
+    total_loss, total_inputs = distributed.all_reduce_sum([loss_sum, local_inputs], dist.device)
+    return total_loss / max(global_targets, 1.0), grad_norm, float(local_inputs), total_inputs
+
+
+@torch.no_grad()
+def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInfo, pad_id: int) -> float:
+    """Token-weighted validation loss over the whole set, identical on every rank."""
+    engine.eval()
+    loss_sum = tokens = 0.0
+    for idx, weights in data.eval_batches(len(val), recipe.train.micro_batch_size, dist.world_size, dist.rank, recipe.eval.max_samples):
+        batch = data.collate([val[i] for i in idx], pad_id)
+        for row, w in enumerate(weights):  # weight 0 = a repeat that keeps ranks in step
+            if w == 0.0:
+                batch["targets"][row] = data.IGNORE_INDEX
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        loss_sum += token_loss_sum(engine, batch).item()
+        tokens += int((batch["targets"] != data.IGNORE_INDEX).sum())
+    # ZeRO-3 prefetches parameters along the trace it recorded in training; an eval pass can leave some
+    # gathered or in flight. Release them all so training (and a save) starts from a clean state.
+    engine.empty_partition_cache()
+    engine.train()
+    total_loss, total_tokens = distributed.all_reduce_sum([loss_sum, tokens], dist.device)
+    return total_loss / max(total_tokens, 1.0)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by `setup` (tests and tools build one the same way)."""
+
+    recipe: config.Recipe
+    dist: distributed.DistInfo
+    tokenizer: object
+    pad_id: int
+    train_set: list
+    val_set: list
+    sampler: data.StepSampler
+    engine: object
+    scheduler: object
+    log: metrics.MetricsLogger
+    flops_per_token: float
+    peak_flops: float
+    hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
+
+
+def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> Run:
+    import deepspeed
+    from transformers import AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    dist = distributed.init_distributed()
+    t = recipe.train
+    torch.manual_seed(t.seed)
+    log = metrics.MetricsLogger(
+        recipe.output_dir,
+        is_main=dist.is_main,
+        total_steps=t.max_steps,
+        progress_bar=recipe.log.progress_bar,
+        wandb_cfg={"project": recipe.log.wandb_project, "name": recipe.log.wandb_run_name} if recipe.log.wandb else None,
+        recipe_dict=config.to_dict(recipe),
+    )
+    if dist.is_main:
+        Path(recipe.output_dir, "recipe.yaml").write_text(config.dump_yaml(recipe))
+        Path(recipe.output_dir, "ds_config.json").write_text(json.dumps(ds, indent=2))
+
+    # Data first: a bad row fails here, before minutes of model loading.
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_set, val_set, stats = data.build_datasets(recipe.data, tokenizer, t.seed)
+    sampler = data.StepSampler(len(train_set), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank, t.seed)
+    log.message(
+        f"data: {stats.rows} train samples, {len(val_set)} val, {stats.target_tokens:,} target tokens, "
+        f"{stats.skipped_rows} skipped rows, {stats.truncated} truncated to {recipe.data.seq_len}"
+    )
+
+    # Model. Under ZeRO-3 the HfDeepSpeedConfig must exist (and stay referenced: transformers holds
+    # only a weakref) before from_pretrained so weights are partitioned while loading.
+    stage = zero_stage(ds)
+    hf_ds_config = HfDeepSpeedConfig(ds) if stage == 3 else None
+    attn = model_lib.choose_attn_implementation(recipe.model.attn_implementation, dist.device.type == "cuda", precision)
+    model = model_lib.load_model(
+        recipe.model.path,
+        method=recipe.method,
+        precision=precision,
+        attn_implementation=attn,
+        device=dist.device,
+        zero3=stage == 3,
+        trust_remote_code=recipe.model.trust_remote_code,
+        freeze_layers=recipe.freeze_layers,
+        lora_r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        lora_targets=recipe.lora.target_modules,
+        seed=t.seed,
+    )
+    n_layers = int(model_cfg["num_hidden_layers"])
+    n_ckpt = model_lib.apply_gradient_checkpointing(model, t.gradient_checkpointing, t.checkpoint_every_k)
+    counts = model_lib.count_parameters(model)
+    log.message(
+        f"model: {type(model).__name__} method={recipe.method} precision={precision} attn={attn} zero_stage={stage} "
+        f"checkpointed_layers={n_ckpt}/{n_layers} world_size={dist.world_size}"
+    )
+    log.message(counts.line())
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, recipe, ds)
+    scheduler = build_scheduler(optimizer, recipe)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=ds)
+    engine.train()
+
+    # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
+    embed_numel = 0 if model_cfg.get("tie_word_embeddings") else int(model_cfg["vocab_size"]) * int(model_cfg["hidden_size"])
+    flops_per_token = metrics.train_flops_per_token(
+        matmul_params=counts.total - embed_numel,
+        trainable_matmul_params=counts.trainable,
+        full_finetune=recipe.method == "full",
+        num_layers=n_layers,
+        hidden=int(model_cfg["hidden_size"]),
+        seq_len=recipe.data.seq_len,
+        recompute_fraction=n_ckpt / n_layers,
+    )
+    return Run(recipe, dist, tokenizer, pad_id, train_set, val_set, sampler, engine, scheduler, log,
+               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, hf_ds_config)
+
+
+def fit(run: Run) -> int:
+    """The training loop. Returns the last optimizer step taken."""
+    recipe, t, dist, engine, log = run.recipe, run.recipe.train, run.dist, run.engine, run.log
+    do_eval = bool(run.val_set) and recipe.eval.every_steps > 0
+    best_val, evals_without_gain = math.inf, 0
+    tokens_seen, start = 0.0, time.perf_counter()
+    if do_eval:  # step 0: the untrained model's loss, the baseline learning is measured against
+        val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
+        log.log({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        log.message(f"step 0: val_loss {val_loss:.4f}")
+    step = 0
+    for step in range(1, t.max_steps + 1):
+        window = [data.collate([run.train_set[i] for i in idx], run.pad_id) for idx in run.sampler.window(step - 1)]
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances it in step())
+        t0 = time.perf_counter()
+        loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist)
+        step_s = time.perf_counter() - t0
+        tokens_seen += global_tokens
+        if step % recipe.log.every_steps == 0 or step == t.max_steps:
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": global_tokens / step_s,
+                "tokens_per_s_per_rank": local_tokens / step_s,
+                "tokens_seen": tokens_seen,
+                "elapsed_s": time.perf_counter() - start,
+                "step_s": step_s,
+                **metrics.peak_memory_gib(dist.device),
+            }
+            if run.peak_flops:
+                record["mfu"] = run.flops_per_token * global_tokens / step_s / (run.peak_flops * dist.world_size)
+            log.log(record)
+        log.advance()
+        if do_eval and (step % recipe.eval.every_steps == 0 or step == t.max_steps):
+            val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
+            log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+            log.message(f"step {step}: val_loss {val_loss:.4f}")
+            # Early stopping: val_loss is all-reduced, so every rank takes the same decision.
+            if val_loss < best_val - recipe.eval.early_stopping_min_delta:
+                best_val, evals_without_gain = val_loss, 0
+            else:
+                evals_without_gain += 1
+            if recipe.eval.early_stopping_patience and evals_without_gain >= recipe.eval.early_stopping_patience:
+                log.message(f"early stopping at step {step}: no val_loss gain in {evals_without_gain} evals")
+                break
+    return step
+
+
+def report_error(e: Exception) -> int:
+    """One line on stderr. Every rank finds the same error; rank 0 says it at once, the others wait so
+    the launcher (which kills all ranks when one exits) does not kill rank 0 before it has spoken."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        time.sleep(10)
+    print(f"error: {e}" if rank == 0 else f"error: (rank {rank}) {e}", file=sys.stderr, flush=True)
+    return EXIT_CONFIG_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, recipe, precision, ds, model_cfg = prepare(argv)
+    except ConfigError as e:
+        return report_error(e)
+    if args.dry_run:
+        print("# resolved recipe\n" + config.dump_yaml(recipe))
+        print("# resolved DeepSpeed config\n" + json.dumps(ds, indent=2))
+        return 0
+    try:
+        run = setup(recipe, precision, ds, model_cfg)
+    except ConfigError as e:  # data errors are found while loading the data, still before the model
+        return report_error(e)
+    last_step = fit(run)
+    run.engine.empty_partition_cache()  # no parameter left gathered or in flight before gathering for the save
+    out = checkpoint.save_final(
+        run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=run.dist.is_main, steps_trained=last_step
+    )
+    run.log.message(f"saved {out}")
+    run.log.close()
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

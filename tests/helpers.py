@@ -1,0 +1,52 @@
+"""Shared test helpers: run the real entry point as 1 process or 2 gloo ranks, read its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = str(REPO / "harness" / "train.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",  # 2 ranks on 2 cores: one thread each
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        PYTHONPATH=str(REPO),
+    )
+    env.update(extra)
+    return env
+
+
+def launch(args: list[str], nproc: int = 1, timeout_s: int = 600, check: bool = True, script: str = TRAIN, env: dict | None = None):
+    """Run `script` with `args` under the deepspeed launcher (nproc ranks) or as one plain process."""
+    if nproc == 1:
+        cmd = [sys.executable, script, *args]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout_s)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(output_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(output_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(output_dir) if "loss" in r]

@@ -1,0 +1,117 @@
+"""Fast unit tests of the data stream, loss masking and model helpers (no process group)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import data
+from harness import model as model_lib
+from harness.config import SourceConfig
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_sampler_covers_the_same_samples_for_any_world_size(world):
+    n, G, mb = 103, 16, 2
+    ref = data.StepSampler(n, G, mb, 1, 0, seed=7)
+    for step in range(ref.steps_per_epoch + 2):  # crosses an epoch boundary
+        union = sorted(i for r in range(world) for w in data.StepSampler(n, G, mb, world, r, seed=7).window(step) for i in w)
+        assert union == sorted(i for w in ref.window(step) for i in w)
+        assert len(union) == G == len(set(union))
+    windows = data.StepSampler(n, G, mb, world, 0, seed=7).window(0)
+    assert len(windows) == G // (mb * world) and all(len(w) == mb for w in windows)
+
+
+def test_sampler_epochs_are_reshuffled_and_deterministic():
+    a, b = data.StepSampler(64, 8, 8, 1, 0, seed=1), data.StepSampler(64, 8, 8, 1, 0, seed=1)
+    assert [a.window(s) for s in range(16)] == [b.window(s) for s in range(16)]
+    assert a.window(0) != a.window(8)  # epoch 2 starts with another order
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (7, 2), (5, 4), (64, 3)])
+def test_eval_batches_are_equal_per_rank_and_cover_each_sample_once(n, world):
+    per_rank = [data.eval_batches(n, 2, world, r) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank (ZeRO-3)
+    real = sorted(i for batches in per_rank for idx, w in batches for i, wt in zip(idx, w) if wt)
+    assert real == list(range(n))
+
+
+def test_alpaca_labels_cover_exactly_the_response(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    row = {"instruction": "Reverse the words.", "input": "red green blue", "output": "blue green red"}
+    stats = data.DataStats()
+    [(ids, targets)] = data.tokenize_rows([row], "alpaca", tok, 512, False, "raise", stats, "test")
+    prompt = data.ALPACA_PROMPT_WITH_INPUT.format(**row)
+    # Tokens predicted (targets shifted by one) decode to exactly the response plus EOS.
+    predicted = targets[targets != data.IGNORE_INDEX]
+    assert tok.decode(predicted) == row["output"] + tok.eos_token
+    n_prompt = len(ids) - len(predicted)
+    assert tok.decode(ids[:n_prompt], skip_special_tokens=True) == prompt
+    assert stats.target_tokens == len(predicted)
+    # train_on_inputs: every position but the last carries loss.
+    [(_, all_targets)] = data.tokenize_rows([row], "alpaca", tok, 512, True, "raise", data.DataStats(), "test")
+    assert int((all_targets != data.IGNORE_INDEX).sum()) == len(ids) - 1
+
+
+def test_truncation_is_counted(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    stats = data.DataStats()
+    samples = data.tokenize_rows([{"text": "word " * 200}], "text", tok, 16, False, "raise", stats, "test")
+    assert len(samples[0][0]) == 16 and stats.truncated == 1
+
+
+def test_collate_pads_right_with_no_loss_on_padding():
+    a = (torch.tensor([5, 6, 7]), torch.tensor([6, 7, -100]))
+    b = (torch.tensor([8]), torch.tensor([-100]))
+    batch = data.collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["targets"].tolist() == [[6, 7, -100], [-100, -100, -100]]
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(data.ConfigError, match=r"bad\.jsonl:2: malformed JSON"):
+        data.load_rows(SourceConfig(path=str(p), format="text"), "raise", data.DataStats())
+    stats = data.DataStats()
+    assert len(data.load_rows(SourceConfig(path=str(p), format="text"), "skip", stats)) == 1 and stats.skipped_rows == 1
+
+
+@pytest.mark.parametrize("policy,k,expected", [("none", 2, 0), ("full", 2, 4), ("every_k", 2, 2), ("every_k", 3, 2)])
+def test_checkpointing_policies(tmp_path, policy, k, expected):
+    import sys
+
+    from tests.helpers import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_tiny_model import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model("llama-3.1-8b", tmp_path / "m", layers=4)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model_lib.apply_gradient_checkpointing(model, policy, k) == expected
+
+
+def test_4bit_weights_count_at_logical_size(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    plain = model_lib.count_parameters(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    q = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=model_lib.quantization_config("qlora", torch.float32), device_map={"": "cpu"})
+    assert model_lib.count_parameters(q).total == plain.total
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedule_warms_up_from_the_first_step_and_decays_to_the_floor(schedule):
+    from harness.train import lr_factor
+
+    f = [lr_factor(s, schedule=schedule, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # the first step already learns
+    if schedule == "constant":
+        assert all(x == 1.0 for x in f[4:])
+    else:
+        assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] == pytest.approx(0.1)
