@@ -34,6 +34,7 @@ CHECKPOINTING = ("none", "full", "every_k")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
 DATA_FORMATS = ("alpaca", "completion", "text", "chat")
+MIXING = ("weight", "temperature", "epochs")
 
 
 @dataclass
@@ -53,20 +54,31 @@ class LoraConfig:
 
 @dataclass
 class SourceConfig:
-    path: str = ""  # local JSONL / JSON / Parquet / CSV file or a saved Arrow dataset directory
-    format: str = "alpaca"  # alpaca | completion | text | chat
-    weight: float = 1.0  # mixing weight (relative)
+    path: str = ""  # local JSONL / JSON / Parquet / CSV file or a saved Arrow dataset directory (datasets.save_to_disk)
+    format: str = "alpaca"  # alpaca | completion | text | chat (README "Data")
+    weight: float = 1.0  # mixing weight (relative) for data.mixing=weight / temperature
+    epochs: float = 1.0  # data.mixing=epochs: passes over this source per epoch of the mix (fractions allowed)
     columns: dict = field(default_factory=dict)  # rename map: {expected_name: name_in_file}
+    val_path: str = ""  # this source's own validation file (same format and columns); else data.val_path / val_fraction
 
 
 @dataclass
 class DataConfig:
     sources: list = field(default_factory=list)  # list of SourceConfig
-    val_path: str = ""  # separate validation file (same format as the first source)
-    val_fraction: float = 0.0  # or hold out this fraction of the training rows
-    seq_len: int = 512  # tokens per sample; longer samples are truncated (counted in the log)
+    val_path: str = ""  # separate validation file (same format and columns as the first source)
+    val_fraction: float = 0.0  # or hold out this fraction of each source that has no val_path of its own
+    seq_len: int = 512  # tokens per sample (per packed row with packing)
+    overlong: str = "truncate"  # truncate | drop: samples longer than seq_len (counted either way)
     train_on_inputs: bool = False  # true: loss on prompt tokens too
-    on_error: str = "raise"  # raise | skip: what to do with a malformed row
+    on_error: str = "raise"  # raise | skip: a malformed row is an error naming file:line, or skipped and counted
+    chat_template: str = "auto"  # auto = the tokenizer's chat template when it has one, else the built-in one | builtin
+    mixing: str = "weight"  # weight | temperature | epochs: how many samples each source puts in one epoch of the mix
+    temperature: float = 1.0  # mixing=temperature: p_i ~ weight_i * rows_i^(1/T); 1 = by size, large = uniform
+    num_samples: int = 0  # samples in one epoch of the mix (weight / temperature); 0 = all sources' rows together
+    packing: bool = False  # concatenate samples into rows of seq_len (position ids restart per sample, no cross-attention)
+    padding_free: bool = False  # no packing: each micro-batch becomes one unpadded row (position ids restart per sample)
+    group_by_length: bool = False  # padded batches: put samples of similar length in the same micro-batch
+    cache_dir: str = ""  # tokenised-data cache shared by all ranks; "" = <output_dir>/data_cache
 
 
 @dataclass
@@ -90,7 +102,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 50  # 0 disables periodic eval (a final eval still runs if there is validation data)
+    every_steps: int = 50  # eval at step 0, every N steps and at the end; 0 disables eval
     max_samples: int = 0  # evaluate on the first N validation samples (all ranks together); 0 = all
     early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = off
     early_stopping_min_delta: float = 0.0
@@ -351,6 +363,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _choice(recipe.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
     _choice(recipe.model.attn_implementation, ATTN_IMPLS, "model.attn_implementation")
     _choice(recipe.data.on_error, ("raise", "skip"), "data.on_error")
+    _choice(recipe.data.overlong, ("truncate", "drop"), "data.overlong")
+    _choice(recipe.data.chat_template, ("auto", "builtin"), "data.chat_template")
+    _choice(recipe.data.mixing, MIXING, "data.mixing")
 
     # Model directory.
     mp = recipe.model.path
@@ -416,12 +431,30 @@ def validate(recipe: Recipe, world_size: int) -> None:
             raise ConfigError(f"data.sources.{i}.path '{src.path}' does not exist; fix the path or generate it (python tools/make_dataset.py)")
         if src.weight <= 0:
             raise ConfigError(f"data.sources.{i}.weight must be positive, got {src.weight}")
+        if src.epochs <= 0:
+            raise ConfigError(f"data.sources.{i}.epochs must be positive, got {src.epochs}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in src.columns.items()):
+            raise ConfigError(f"data.sources.{i}.columns must map names to names, e.g. {{instruction: question, output: answer}}")
+        if src.val_path and not Path(src.val_path).exists():
+            raise ConfigError(f"data.sources.{i}.val_path '{src.val_path}' does not exist; fix the path or remove it")
     if d.val_path and not Path(d.val_path).exists():
         raise ConfigError(f"data.val_path '{d.val_path}' does not exist; fix the path or use data.val_fraction")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.val_path and d.val_fraction > 0:
+        raise ConfigError("data.val_path and data.val_fraction both set; use a validation file or a held-out fraction, not both")
     if d.seq_len < 8:
         raise ConfigError(f"data.seq_len={d.seq_len} is too small")
+    if d.temperature <= 0:
+        raise ConfigError(f"data.temperature must be positive, got {d.temperature}")
+    if d.num_samples < 0:
+        raise ConfigError(f"data.num_samples must be >= 0, got {d.num_samples}")
+    if d.mixing == "epochs" and d.num_samples:
+        raise ConfigError("data.num_samples sizes weight/temperature mixing; with data.mixing=epochs set data.sources.N.epochs instead")
+    if d.packing and d.padding_free:
+        raise ConfigError("data.packing and data.padding_free are alternatives; set one of them")
+    if d.group_by_length and d.packing:
+        raise ConfigError("data.group_by_length does nothing with data.packing (every packed row is seq_len long); remove one")
 
 
 def resolve_precision(precision: str, on_cuda: bool) -> str:

@@ -115,3 +115,16 @@ def test_lr_schedule_warms_up_from_the_first_step_and_decays_to_the_floor(schedu
         assert all(x == 1.0 for x in f[4:])
     else:
         assert all(a >= b for a, b in zip(f[3:], f[4:])) and f[-1] == pytest.approx(0.1)
+
+
+def test_flops_per_token_counts_frozen_base_and_recompute():
+    from harness.metrics import train_flops_per_token
+
+    kw = dict(matmul_params=1000, num_layers=2, hidden=8, seq_len=16, recompute_fraction=0.0)
+    attn = 4 * 16 * 8 * 2
+    fwd = 2 * 1000 + attn
+    assert train_flops_per_token(trainable_matmul_params=1000, full_finetune=True, **kw) == fwd + fwd + 2000
+    # LoRA: input gradients through the frozen base, weight gradients only for the adapters
+    assert train_flops_per_token(trainable_matmul_params=10, full_finetune=False, **kw) == fwd + fwd + 20
+    kw["recompute_fraction"] = 1.0
+    assert train_flops_per_token(trainable_matmul_params=10, full_finetune=False, **kw) == 3 * fwd + 20

@@ -72,3 +72,13 @@ def test_recipe_and_ds_config_are_recorded(tiny_llama, tmp_path):
     ds = json.loads((tmp_path / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert "lora" in (tmp_path / "recipe.yaml").read_text()
+
+
+def test_early_stopping_on_val_loss(tiny_llama, tmp_path):
+    """With a negligible lr nothing improves by min_delta: patience 2 stops two evals after the first."""
+    proc = run(tiny_llama, tmp_path, "method=lora", "deepspeed.config=ds_configs/zero0.json", "train.lr=1e-9", "train.max_steps=20",
+               "eval.every_steps=2", "eval.early_stopping_patience=2", "eval.early_stopping_min_delta=1e-6")
+    steps = [r["step"] for r in read_metrics(tmp_path) if "loss" in r]
+    # evals at 0 (baseline), 2 (first best), 4 and 6 (no gain x2) -> stop after step 6
+    assert steps[-1] == 6, steps
+    assert "early stopping at step 6" in proc.stdout

@@ -1,0 +1,303 @@
+#!/usr/bin/env python
+"""Benchmark: harness/train.py against the plain Hugging Face Trainer + DeepSpeed (prints figures; not a test).
+
+Both runs train the same tiny random model (tools/make_tiny_model.py) on the same samples, in the same
+order, with the same DeepSpeed config, on 2 ranks of the deepspeed launcher (gloo on CPU, one OpenMP
+thread each):
+
+  harness  harness/train.py --config RECIPE (method, seq_len, max_steps overridden; no eval)
+  hf       tools/hf_trainer_baseline.py with the recipe and ds_config.json the harness run resolved
+
+    python tools/bench_train.py                    # qlora, hidden 128, 4 layers, 30 steps
+    python tools/bench_train.py --method lora --steps 50 --json /tmp/bench.json
+
+Throughput = non-padding input tokens summed over ranks / optimizer-step wall time on rank 0, taken as
+total tokens / total step time over the steps after the first --warmup-steps (not a median of per-step
+rates). Step time is the forward/backward/optimizer work of one step, batch assembly and logging
+excluded (harness: its step_s; hf: on_step_begin -> on_step_end). "loop tok/s" uses instead the time
+between consecutive step ends, which includes batch assembly and logging.
+
+Exit code: 0 when both runs finished, 1 when one failed (its stderr tail is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RECIPE = "harness/recipes/demo_qlora.yaml"
+STDERR_TAIL_LINES = 60
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (default 30)")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the figures (default 3)")
+    p.add_argument("--method", default="qlora", choices=["qlora", "lora", "full"])
+    p.add_argument("--like", default="llama-3.1-8b", help="architecture for make_tiny_model.py (default llama-3.1-8b)")
+    p.add_argument("--hidden", type=int, default=128, help="model width (default 128; the test model's is 64)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 2 x hidden, as the test model)")
+    p.add_argument("--seq-len", type=int, default=None, help="data.seq_len (default: the recipe's)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"harness recipe (default {DEFAULT_RECIPE})")
+    p.add_argument("--hf-ds-config", default=None,
+                   help="DeepSpeed JSON for the HF run (default: the ds_config.json the harness run resolved; "
+                        "a raw file such as ds_configs/zero3.json lets HF fill its own \"auto\" values)")
+    p.add_argument("--work-dir", type=Path, default=None, help="model, run outputs and logs (default: a new /tmp dir)")
+    p.add_argument("--timeout-s", type=int, default=1800, help="per run (default 1800)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup_steps:
+        p.error(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
+    return args
+
+
+def progress(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",  # 2 ranks on a 2-core CPU: one thread each, no oversubscription
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        PYTHONPATH=str(REPO),
+    )
+    return env
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file; a line still being written (polled mid-run) is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
+
+
+def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def end_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the launcher's process group (launcher + ranks), SIGKILL it if still there after 10 s."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch(name: str, script: str, script_args: list[str], log_dir: Path, metrics_path: Path,
+           steps: int, timeout_s: int) -> dict:
+    """Run `script` on 2 ranks under the deepspeed launcher; print progress from its metrics file.
+    Returns {"rc", "wall_s", "stdout", "stderr", "load_before"}."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           script, *script_args]
+    stdout_path, stderr_path = log_dir / f"{name}.stdout.log", log_dir / f"{name}.stderr.log"
+    load_before = os.getloadavg()[0]
+    progress(f"{name}: starting (1-min load average {load_before:.2f}; logs {stdout_path.parent}/{name}.*.log)")
+    start = time.perf_counter()
+    last_report_s, last_step = start, 0
+    with stdout_path.open("w") as out, stderr_path.open("w") as err:
+        # Own session: on timeout or Ctrl-C the launcher *and* its rank processes are ended together.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=bench_env(), stdout=out, stderr=err, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(2.0)
+                now = time.perf_counter()
+                if now - start > timeout_s:
+                    end_process_group(proc)
+                    progress(f"{name}: killed after {timeout_s} s")
+                    break
+                step = len(read_jsonl(metrics_path))
+                # A line every 10 steps, or every 20 s while loading (no step yet) or slow.
+                if step >= last_step + 10 or (step > last_step and step == steps) or now - last_report_s > 20:
+                    state = f"step {step}/{steps}" if step else "loading"
+                    progress(f"{name}: {state} ({now - start:.0f} s)")
+                    last_report_s, last_step = now, step
+        except KeyboardInterrupt:
+            end_process_group(proc)
+            raise
+    wall_s = time.perf_counter() - start
+    progress(f"{name}: exit {proc.returncode} after {wall_s:.1f} s")
+    return {"rc": proc.returncode, "wall_s": wall_s, "stdout": str(stdout_path), "stderr": str(stderr_path),
+            "load_before": load_before}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step figures in one shape for both runs: step, loss, step_s, interval_s, tokens (summed over ranks)
+# --------------------------------------------------------------------------------------------------
+
+
+def harness_steps(records: list[dict]) -> list[dict]:
+    """From harness metrics.jsonl (log.every_steps=1): tokens per step is the difference of tokens_seen
+    (exact integers, unlike tokens_per_s * step_s); interval is the difference of elapsed_s."""
+    rows, prev_tokens, prev_elapsed = [], 0.0, 0.0
+    for r in records:
+        if "loss" not in r:  # validation records
+            continue
+        rows.append({"step": r["step"], "loss": r["loss"], "lr": r.get("lr"), "step_s": r["step_s"],
+                     "interval_s": r["elapsed_s"] - prev_elapsed, "tokens": r["tokens_seen"] - prev_tokens})
+        prev_tokens, prev_elapsed = r["tokens_seen"], r["elapsed_s"]
+    return rows
+
+
+def baseline_steps(records: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in ("step", "loss", "lr", "step_s", "interval_s", "tokens")} for r in records]
+
+
+def summarize(rows: list[dict], warmup_steps: int, wall_s: float) -> dict:
+    measured = [r for r in rows if r["step"] > warmup_steps]
+    tokens = sum(r["tokens"] for r in measured)
+    return {
+        "steps": len(rows),
+        "steps_measured": len(measured),
+        "median_step_s": statistics.median(r["step_s"] for r in measured),
+        "tokens_per_s": tokens / sum(r["step_s"] for r in measured),
+        "loop_tokens_per_s": tokens / sum(r["interval_s"] for r in measured),
+        "mean_tokens_per_step": tokens / len(measured),
+        "final_loss": rows[-1]["loss"],
+        "wall_s": wall_s,
+    }
+
+
+def print_table(method: str, warmup_steps: int, summaries: dict) -> None:
+    header = (f"{'framework':<9} {'method':<6} {'steps':>5} {'median step s':>13} {'tokens/s':>9} "
+              f"{'loop tok/s':>10} {'tokens/step':>11} {'final loss':>10} {'wall s':>7}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for name, s in summaries.items():
+        print(f"{name:<9} {method:<6} {s['steps']:>5} {s['median_step_s']:>13.3f} {s['tokens_per_s']:>9.0f} "
+              f"{s['loop_tokens_per_s']:>10.0f} {s['mean_tokens_per_step']:>11.1f} {s['final_loss']:>10.4f} "
+              f"{s['wall_s']:>7.1f}")
+    print(f"(figures over steps {warmup_steps + 1}..{next(iter(summaries.values()))['steps']}; tokens/s = total "
+          f"non-pad input tokens over both ranks / total step time; wall s = whole launcher run incl. start-up)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, harness_out, hf_out = work / "model", work / "harness", work / "hf"
+    intermediate = args.intermediate or 2 * args.hidden
+
+    progress(f"work dir {work}")
+    progress(f"making a tiny model like {args.like}: hidden {args.hidden}, {args.layers} layers, MLP {intermediate}")
+    made = subprocess.run(
+        [sys.executable, "tools/make_tiny_model.py", "--like", args.like, "--out", str(model_dir),
+         "--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(intermediate)],
+        cwd=REPO, env=bench_env(), capture_output=True, text=True)
+    if made.returncode != 0:
+        print(f"make_tiny_model.py failed (exit {made.returncode}):\n{made.stderr[-4000:]}", file=sys.stderr)
+        return 1
+    progress(made.stdout.strip().splitlines()[-1])
+
+    overrides = [f"model.path={model_dir}", f"output_dir={harness_out}", f"method={args.method}",
+                 f"train.max_steps={args.steps}", "eval.every_steps=0", "log.every_steps=1", "log.progress_bar=false"]
+    if args.seq_len:
+        overrides.append(f"data.seq_len={args.seq_len}")
+
+    runs: dict = {}
+    # (a) the harness. It writes the resolved recipe and DeepSpeed config the baseline then reuses.
+    runs["harness"] = launch("harness", "harness/train.py", ["--config", args.recipe, *overrides],
+                             work, harness_out / "metrics.jsonl", args.steps, args.timeout_s)
+    # (b) the HF Trainer baseline, only if (a) worked: it needs (a)'s resolved files.
+    if runs["harness"]["rc"] == 0:
+        ds_config = args.hf_ds_config or str(harness_out / "ds_config.json")
+        runs["hf"] = launch("hf", "tools/hf_trainer_baseline.py",
+                            ["--recipe", str(harness_out / "recipe.yaml"), "--ds-config", ds_config,
+                             "--output-dir", str(hf_out)],
+                            work, hf_out / "metrics.jsonl", args.steps, args.timeout_s)
+
+    failed = [name for name, r in runs.items() if r["rc"] != 0]
+    if failed:
+        for name in failed:
+            print(f"\n{name} run failed (exit {runs[name]['rc']}); last lines of {runs[name]['stderr']}:",
+                  file=sys.stderr)
+            print(stderr_tail(Path(runs[name]["stderr"])), file=sys.stderr)
+        return 1
+
+    rows = {"harness": harness_steps(read_jsonl(harness_out / "metrics.jsonl")),
+            "hf": baseline_steps(read_jsonl(hf_out / "metrics.jsonl"))}
+    for name, r in rows.items():
+        if len(r) != args.steps:
+            print(f"{name}: {len(r)} step records, expected {args.steps}; see {runs[name]['stdout']}", file=sys.stderr)
+            return 1
+    summaries = {name: summarize(r, args.warmup_steps, runs[name]["wall_s"]) for name, r in rows.items()}
+
+    # Fairness checks: the same sequences per step (identical per-step token counts) and the same maths
+    # (same init, data, learning rates and update: the losses then agree to float rounding). A schedule
+    # difference shows up as the first step whose logged learning rates differ.
+    same_tokens = [a["tokens"] for a in rows["harness"]] == [b["tokens"] for b in rows["hf"]]
+    max_loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(rows["harness"], rows["hf"]))
+    lr_differs = next((a for a, b in zip(rows["harness"], rows["hf"])
+                       if a["lr"] is None or abs(a["lr"] - b["lr"]) > 1e-9 * max(abs(b["lr"]), 1e-12)), None)
+    lr_note = "same at every step" if lr_differs is None else (
+        f"first differs at step {lr_differs['step']}: harness {lr_differs['lr']}, "
+        f"hf {rows['hf'][lr_differs['step'] - 1]['lr']}")
+    ratio = summaries["harness"]["tokens_per_s"] / summaries["hf"]["tokens_per_s"]
+    loop_ratio = summaries["harness"]["loop_tokens_per_s"] / summaries["hf"]["loop_tokens_per_s"]
+
+    print_table(args.method, args.warmup_steps, summaries)
+    print(f"ratio harness/hf tokens/s: {ratio:.3f}  (loop tok/s: {loop_ratio:.3f})")
+    print(f"same non-pad tokens at every step: {'yes' if same_tokens else 'NO'}; "
+          f"max |loss difference| over steps: {max_loss_diff:.2e}")
+    print(f"learning rate used per step: {lr_note}")
+    loads = ", ".join(f"{name} {r['load_before']:.2f}" for name, r in runs.items())
+    print(f"1-min load average before each run: {loads} (2 cores; well above 0 means other work shared the CPU)")
+
+    if args.json:
+        figures = {
+            "config": {"method": args.method, "steps": args.steps, "warmup_steps": args.warmup_steps,
+                       "like": args.like, "hidden": args.hidden, "layers": args.layers,
+                       "intermediate": intermediate, "seq_len": args.seq_len, "recipe": args.recipe,
+                       "work_dir": str(work)},
+            "tokens_per_s_definition": "non-pad input tokens summed over ranks / step wall time, "
+                                       "total over steps after warmup_steps",
+            "summary": summaries,
+            "ratio_harness_over_hf_tokens_per_s": ratio,
+            "ratio_harness_over_hf_loop_tokens_per_s": loop_ratio,
+            "same_tokens_every_step": same_tokens,
+            "max_abs_loss_diff": max_loss_diff,
+            "learning_rate_check": lr_note,
+            "load_average_before": {name: r["load_before"] for name, r in runs.items()},
+            "per_step": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        progress(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
