@@ -1,14 +1,223 @@
-"""Saving the trained result: the LoRA adapter in peft format or the full model in Hugging Face format,
-gathered from ZeRO-3 shards by all ranks together (a save from rank 0 alone would hang ZeRO-3).
+"""Checkpoints that survive anything, and the final export.
+
+Training checkpoints (resumable): every rank writes its DeepSpeed shards into
+`output_dir/checkpoints/step_NNNNNNNN.tmp/`; after a barrier rank 0 fsyncs them, writes a manifest
+(every file with its size and SHA-256), renames the directory to `step_NNNNNNNN` and only then moves the
+`latest` pointer (written to a temporary name, fsynced, renamed). A crash at any moment therefore
+leaves the previous complete checkpoint and a `latest` that names a complete one. Resume verifies the
+manifest and falls back to the newest older checkpoint that verifies. LoRA/QLoRA checkpoints exclude
+frozen weights (the base model is re-read from model.path).
+
+Final export: the LoRA adapter in peft format or the full model in Hugging Face format, gathered from
+ZeRO-3 shards by all ranks together (a save from rank 0 alone would hang ZeRO-3).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from harness import distributed
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: atomic writes, manifests, verification
+# --------------------------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so readers see the old or the new content, never a torn file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, step: int) -> dict:
+    """fsync every file in `ckpt_dir`, then record it (relative path, bytes, sha256) in the manifest."""
+    files = {}
+    for p in sorted(x for x in ckpt_dir.rglob("*") if x.is_file() and x.name != MANIFEST):
+        _fsync_path(p)
+        files[str(p.relative_to(ckpt_dir))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    manifest = {"step": step, "files": files}
+    atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify(ckpt_dir: Path, check_hashes: bool = True) -> str | None:
+    """None when the checkpoint is complete and intact, else the reason it is not."""
+    mpath = ckpt_dir / MANIFEST
+    if not mpath.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    if not files:
+        return "manifest lists no files"
+    for rel, meta in files.items():
+        p = ckpt_dir / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != meta["bytes"]:
+            return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)"
+        if check_hashes and sha256_file(p) != meta["sha256"]:
+            return f"{rel} checksum mismatch (corrupted)"
+    return None
+
+
+def step_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete-looking checkpoint directories, newest first (temporary ones excluded)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def find_resume_dir(output_dir: str | Path, resume: str, log=print, check_hashes: bool = True) -> Path | None:
+    """The checkpoint to resume from. `auto`: the newest that verifies, starting with `latest`
+    (None when there is none); `none`: None; a path: that checkpoint, which must verify."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        problem = verify(path, check_hashes) if path.is_dir() else "no such directory"
+        if problem:
+            raise ValueError(f"resume checkpoint {path} is not usable: {problem}; use resume=auto or another checkpoint")
+        return path
+    root = Path(output_dir) / CHECKPOINTS
+    candidates = step_dirs(output_dir)
+    latest = root / LATEST
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        if named in candidates:  # try the pointer's target first, then the rest newest first
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for path in candidates:
+        problem = verify(path, check_hashes)
+        if problem is None:
+            return path
+        log(f"checkpoint {path.name} skipped: {problem}; trying an older one")
+    return None
+
+
+def prune(output_dir: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and stale temporary directories."""
+    root = Path(output_dir) / CHECKPOINTS
+    for p in root.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    if keep_last > 0:
+        for p in step_dirs(output_dir)[keep_last:]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# RNG state: plain JSON (no pickle), one file per rank
+# --------------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# --------------------------------------------------------------------------------------------------
+# Save and load through DeepSpeed (all ranks call these)
+# --------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dist, *, exclude_frozen: bool, keep_last: int) -> Path:
+    """Write a complete, verified checkpoint of `step` (see the module docstring for the protocol)."""
+    root = Path(output_dir) / CHECKPOINTS
+    tag = f"step_{step:08d}"
+    tmp = root / f"{tag}.tmp"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
+    distributed.barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"trainer": trainer_state}, save_latest=False, exclude_frozen_parameters=exclude_frozen)
+    with open(tmp / f"rng_rank{dist.rank:05d}.json", "w") as f:
+        json.dump(rng_state(), f)
+    distributed.barrier()  # every rank's files are written
+    if dist.is_main:
+        write_manifest(tmp, step)
+        final = root / tag
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_path(root)
+        atomic_write_text(root / LATEST, tag)
+        prune(output_dir, keep_last)
+    distributed.barrier()  # nobody goes on (or exits) before the checkpoint is complete
+    return root / tag
+
+
+def load_checkpoint(engine, ckpt_dir: Path, dist, *, exclude_frozen: bool) -> dict:
+    """Restore model, optimizer, LR scheduler and this rank's RNG; return the trainer state."""
+    # Frozen weights are not in a LoRA/QLoRA checkpoint: they were loaded from model.path already.
+    _, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=not exclude_frozen,
+                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir}")
+    rng_file = ckpt_dir / f"rng_rank{dist.rank:05d}.json"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seed
+        set_rng_state(json.loads(rng_file.read_text()))
+    return client["trainer"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Final export
+# --------------------------------------------------------------------------------------------------
 
 
 def gathered_state_dict(model: torch.nn.Module, *, only_trainable: bool, is_main: bool) -> dict[str, torch.Tensor]:
@@ -56,3 +265,41 @@ def save_final(model: torch.nn.Module, tokenizer, output_dir: str, *, is_lora: b
     if is_main and is_lora and steps_trained > 0:
         check_adapter(state)  # after writing: a suspicious adapter is kept for inspection, and the run fails
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption: signals set a flag; ranks agree at a step boundary
+# --------------------------------------------------------------------------------------------------
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again". The Slurm templates requeue the job on this code.
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 only set a flag (no I/O in a signal handler: a save needs every rank). The
+    loop calls `should_stop` at each step boundary; it all-reduces the flags so that all ranks save
+    and exit together even when the signal reached only some of them. A wall-clock budget
+    (`max_runtime_s`) raises the same flag `margin_s` before the limit."""
+
+    def __init__(self, max_runtime_s: float = 0.0, margin_s: float = 0.0, signals=("SIGTERM", "SIGUSR1")):
+        import signal
+        import time
+
+        self.reason = ""
+        self._deadline = time.monotonic() + max_runtime_s - margin_s if max_runtime_s > 0 else None
+        for name in signals:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        import signal
+
+        self.reason = self.reason or signal.Signals(signum).name
+
+    def should_stop(self, device) -> bool:
+        import time
+
+        if not self.reason and self._deadline is not None and time.monotonic() >= self._deadline:
+            self.reason = "max_runtime"
+        (votes,) = distributed.all_reduce_sum([1.0 if self.reason else 0.0], device)
+        if votes and not self.reason:
+            self.reason = "another rank's signal"
+        return votes > 0

@@ -56,7 +56,7 @@ class LoraConfig:
 class SourceConfig:
     path: str = ""  # local JSONL / JSON / Parquet / CSV file or a saved Arrow dataset directory (datasets.save_to_disk)
     format: str = "alpaca"  # alpaca | completion | text | chat (README "Data")
-    weight: float = 1.0  # mixing weight (relative) for data.mixing=weight / temperature
+    weight: float = 0.0  # mixing weight (relative); 0 = unset: with no source weighted, each sample once per epoch
     epochs: float = 1.0  # data.mixing=epochs: passes over this source per epoch of the mix (fractions allowed)
     columns: dict = field(default_factory=dict)  # rename map: {expected_name: name_in_file}
     val_path: str = ""  # this source's own validation file (same format and columns); else data.val_path / val_fraction
@@ -73,7 +73,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip: a malformed row is an error naming file:line, or skipped and counted
     chat_template: str = "auto"  # auto = the tokenizer's chat template when it has one, else the built-in one | builtin
     mixing: str = "weight"  # weight | temperature | epochs: how many samples each source puts in one epoch of the mix
-    temperature: float = 1.0  # mixing=temperature: p_i ~ weight_i * rows_i^(1/T); 1 = by size, large = uniform
+    temperature: float = 1.0  # mixing=temperature: p_i ~ weight_i (1 if unset) * rows_i^(1/T); 1 = by size, large = uniform
     num_samples: int = 0  # samples in one epoch of the mix (weight / temperature); 0 = all sources' rows together
     packing: bool = False  # concatenate samples into rows of seq_len (position ids restart per sample, no cross-attention)
     padding_free: bool = False  # no packing: each micro-batch becomes one unpadded row (position ids restart per sample)
@@ -118,6 +118,17 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # save a resumable checkpoint every N optimizer steps; 0 = off
+    every_minutes: float = 0.0  # and/or every M minutes; 0 = off
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a new one is complete)
+    resume: str = "auto"  # auto: newest valid checkpoint in output_dir (or start fresh); none; or a checkpoint path
+    verify: str = "sha256"  # sha256 | size: how resume checks the manifest (size is faster for huge checkpoints)
+    max_runtime_minutes: float = 0.0  # save and exit (code 75) this long after start; 0 = off
+    exit_margin_minutes: float = 0.0  # ...that many minutes earlier (time to write the checkpoint)
+
+
+@dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero3.json"  # a JSON file; "auto" values are filled from this recipe
 
@@ -132,6 +143,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     output_dir: str = "runs/default"
 
@@ -405,6 +417,13 @@ def validate(recipe: Recipe, world_size: int) -> None:
     if recipe.train.precision == "fp16" and recipe.method == "qlora":
         raise ConfigError("method=qlora computes in bf16 or fp32; set train.precision=bf16 (GPU) or fp32 (CPU)")
 
+    c = recipe.checkpoint
+    _choice(c.verify, ("sha256", "size"), "checkpoint.verify")
+    if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
+        raise ConfigError(f"checkpoint.resume '{c.resume}' is not a directory; use auto, none or a checkpoints/step_N directory")
+    if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
+        raise ConfigError("checkpoint.every_steps / every_minutes must be >= 0 and checkpoint.keep_last >= 1")
+
     # Batch arithmetic.
     t = recipe.train
     for key in ("micro_batch_size", "global_batch_size", "max_steps"):
@@ -429,7 +448,7 @@ def validate(recipe: Recipe, world_size: int) -> None:
         _choice(src.format, DATA_FORMATS, f"data.sources.{i}.format")
         if not src.path or not Path(src.path).exists():
             raise ConfigError(f"data.sources.{i}.path '{src.path}' does not exist; fix the path or generate it (python tools/make_dataset.py)")
-        if src.weight <= 0:
+        if src.weight < 0:
             raise ConfigError(f"data.sources.{i}.weight must be positive, got {src.weight}")
         if src.epochs <= 0:
             raise ConfigError(f"data.sources.{i}.epochs must be positive, got {src.epochs}")
@@ -449,6 +468,10 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError(f"data.temperature must be positive, got {d.temperature}")
     if d.num_samples < 0:
         raise ConfigError(f"data.num_samples must be >= 0, got {d.num_samples}")
+    weighted = [src.weight > 0 for src in d.sources]
+    if d.mixing == "weight" and any(weighted) and not all(weighted):
+        i = weighted.index(False)
+        raise ConfigError(f"data.sources.{i}.weight is not set while other sources have one; weight every source or none (none = each sample once)")
     if d.mixing == "epochs" and d.num_samples:
         raise ConfigError("data.num_samples sizes weight/temperature mixing; with data.mixing=epochs set data.sources.N.epochs instead")
     if d.packing and d.padding_free:

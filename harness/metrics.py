@@ -59,7 +59,8 @@ def peak_memory_gib(device: torch.device) -> dict:
 class MetricsLogger:
     """Writes one JSON object per logged step to output_dir/metrics.jsonl (rank 0 only)."""
 
-    def __init__(self, output_dir: str, *, is_main: bool, total_steps: int, progress_bar: bool, wandb_cfg: dict | None, recipe_dict: dict):
+    def __init__(self, output_dir: str, *, is_main: bool, total_steps: int, progress_bar: bool, wandb_cfg: dict | None, recipe_dict: dict,
+                 resume_step: int = 0):
         self.is_main = is_main
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = None
@@ -67,7 +68,11 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and self.path.is_file():  # resuming: keep the records up to the checkpoint's step
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
         self.file = self.path.open("w", buffering=1)
+        self.file.writelines(line + "\n" for line in kept)
         if progress_bar:
             from tqdm import tqdm
 

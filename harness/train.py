@@ -102,7 +102,7 @@ def build_scheduler(optimizer, recipe: config.Recipe):
 
 def token_loss_sum(engine, batch: dict) -> torch.Tensor:
     """Sum of next-token cross-entropies over the batch's target tokens (fp32)."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = engine(**data.model_inputs(batch)).logits  # (B, T, V); packed batches pass position_ids instead of a mask
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
 
 
@@ -142,11 +142,10 @@ def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInf
     """Token-weighted validation loss over the whole set, identical on every rank."""
     engine.eval()
     loss_sum = tokens = 0.0
+    flat = data.flat_batches(recipe.data, engine.module)
     for idx, weights in data.eval_batches(len(val), recipe.train.micro_batch_size, dist.world_size, dist.rank, recipe.eval.max_samples):
-        batch = data.collate([val[i] for i in idx], pad_id)
-        for row, w in enumerate(weights):  # weight 0 = a repeat that keeps ranks in step
-            if w == 0.0:
-                batch["targets"][row] = data.IGNORE_INDEX
+        # weight 0 = a repeat that keeps ranks in step: no loss on it
+        batch = data.collate([val[i] if w else data.without_targets(val[i]) for i, w in zip(idx, weights)], pad_id, flatten=flat)
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         loss_sum += token_loss_sum(engine, batch).item()
         tokens += int((batch["targets"] != data.IGNORE_INDEX).sum())
@@ -174,6 +173,8 @@ class Run:
     log: metrics.MetricsLogger
     flops_per_token: float
     peak_flops: float
+    stop: checkpoint.StopFlag
+    state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain (saved in checkpoints)
     hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
 
 
@@ -185,6 +186,18 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     dist = distributed.init_distributed()
     t = recipe.train
     torch.manual_seed(t.seed)
+    c = recipe.checkpoint
+    stop = checkpoint.StopFlag(max_runtime_s=60 * c.max_runtime_minutes, margin_s=60 * c.exit_margin_minutes)
+    # Rank 0 picks (and verifies) the checkpoint to resume from; every rank uses its choice.
+    choice = [None]
+    if dist.is_main:
+        found = checkpoint.find_resume_dir(recipe.output_dir, c.resume, log=print, check_hashes=c.verify == "sha256")
+        choice = [str(found) if found else None]
+    torch.distributed.broadcast_object_list(choice, src=0)
+    resume_dir = Path(choice[0]) if choice[0] else None
+    state = {"step": 0, "tokens_seen": 0.0, "elapsed_s": 0.0, "best_val": math.inf, "evals_without_gain": 0}
+    if resume_dir is not None:
+        state["step"] = json.loads((resume_dir / checkpoint.MANIFEST).read_text())["step"]
     log = metrics.MetricsLogger(
         recipe.output_dir,
         is_main=dist.is_main,
@@ -192,6 +205,7 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         progress_bar=recipe.log.progress_bar,
         wandb_cfg={"project": recipe.log.wandb_project, "name": recipe.log.wandb_run_name} if recipe.log.wandb else None,
         recipe_dict=config.to_dict(recipe),
+        resume_step=state["step"],
     )
     if dist.is_main:
         Path(recipe.output_dir, "recipe.yaml").write_text(config.dump_yaml(recipe))
@@ -200,12 +214,15 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     # Data first: a bad row fails here, before minutes of model loading.
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set, val_set, stats = data.build_datasets(recipe.data, tokenizer, t.seed)
-    sampler = data.StepSampler(len(train_set), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank, t.seed)
-    log.message(
-        f"data: {stats.rows} train samples, {len(val_set)} val, {stats.target_tokens:,} target tokens, "
-        f"{stats.skipped_rows} skipped rows, {stats.truncated} truncated to {recipe.data.seq_len}"
-    )
+    cache_dir = recipe.data.cache_dir or str(Path(recipe.output_dir) / "data_cache")
+    train_set, val_set, stats = data.build_datasets(recipe.data, tokenizer, t.seed, cache_dir=cache_dir, rank=dist.rank,
+                                                    world_size=dist.world_size, say=log.message)
+    lengths = data.sample_lengths(train_set) if recipe.data.group_by_length else None
+    sampler = data.StepSampler(len(train_set), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank, t.seed,
+                               lengths=lengths, unit="packed rows" if recipe.data.packing else "samples")
+    for line in stats.lines(recipe.data.seq_len):
+        log.message(line)
+    log.log({"data": stats.record()})
 
     # Model. Under ZeRO-3 the HfDeepSpeedConfig must exist (and stay referenced: transformers holds
     # only a weakref) before from_pretrained so weights are partitioned while loading.
@@ -241,6 +258,9 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     scheduler = build_scheduler(optimizer, recipe)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=ds)
     engine.train()
+    if resume_dir is not None:
+        state = checkpoint.load_checkpoint(engine, resume_dir, dist, exclude_frozen=recipe.method != "full")
+        log.message(f"resumed from {resume_dir} at step {state['step']}")
 
     # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
     embed_numel = 0 if model_cfg.get("tie_word_embeddings") else int(model_cfg["vocab_size"]) * int(model_cfg["hidden_size"])
@@ -254,27 +274,29 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         recompute_fraction=n_ckpt / n_layers,
     )
     return Run(recipe, dist, tokenizer, pad_id, train_set, val_set, sampler, engine, scheduler, log,
-               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, hf_ds_config)
+               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config)
 
 
-def fit(run: Run) -> int:
-    """The training loop. Returns the last optimizer step taken."""
-    recipe, t, dist, engine, log = run.recipe, run.recipe.train, run.dist, run.engine, run.log
+def fit(run: Run) -> tuple[int, bool]:
+    """The training loop. Returns (last optimizer step taken, stopped by a signal or the time limit)."""
+    recipe, t, dist, engine, log, state = run.recipe, run.recipe.train, run.dist, run.engine, run.log, run.state
+    ckpt = recipe.checkpoint
     do_eval = bool(run.val_set) and recipe.eval.every_steps > 0
-    best_val, evals_without_gain = math.inf, 0
-    tokens_seen, start = 0.0, time.perf_counter()
-    if do_eval:  # step 0: the untrained model's loss, the baseline learning is measured against
+    start, last_save = time.perf_counter() - state["elapsed_s"], time.perf_counter()
+    if do_eval and state["step"] == 0:  # the untrained model's loss, the baseline learning is measured against
         val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
         log.log({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.message(f"step 0: val_loss {val_loss:.4f}")
-    step = 0
-    for step in range(1, t.max_steps + 1):
-        window = [data.collate([run.train_set[i] for i in idx], run.pad_id) for idx in run.sampler.window(step - 1)]
+    step = state["step"]
+    log.advance(step)
+    flat = data.flat_batches(recipe.data, engine.module)  # one row per micro-batch (padding-free, or packing under flash-attn)
+    for step in range(state["step"] + 1, t.max_steps + 1):
+        window = [data.collate([run.train_set[i] for i in idx], run.pad_id, flatten=flat) for idx in run.sampler.window(step - 1)]
         lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances it in step())
         t0 = time.perf_counter()
         loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist)
         step_s = time.perf_counter() - t0
-        tokens_seen += global_tokens
+        state["tokens_seen"] += global_tokens
         if step % recipe.log.every_steps == 0 or step == t.max_steps:
             record = {
                 "step": step,
@@ -283,7 +305,7 @@ def fit(run: Run) -> int:
                 "grad_norm": grad_norm,
                 "tokens_per_s": global_tokens / step_s,
                 "tokens_per_s_per_rank": local_tokens / step_s,
-                "tokens_seen": tokens_seen,
+                "tokens_seen": state["tokens_seen"],
                 "elapsed_s": time.perf_counter() - start,
                 "step_s": step_s,
                 **metrics.peak_memory_gib(dist.device),
@@ -297,14 +319,24 @@ def fit(run: Run) -> int:
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
             log.message(f"step {step}: val_loss {val_loss:.4f}")
             # Early stopping: val_loss is all-reduced, so every rank takes the same decision.
-            if val_loss < best_val - recipe.eval.early_stopping_min_delta:
-                best_val, evals_without_gain = val_loss, 0
+            if val_loss < state["best_val"] - recipe.eval.early_stopping_min_delta:
+                state["best_val"], state["evals_without_gain"] = val_loss, 0
             else:
-                evals_without_gain += 1
-            if recipe.eval.early_stopping_patience and evals_without_gain >= recipe.eval.early_stopping_patience:
-                log.message(f"early stopping at step {step}: no val_loss gain in {evals_without_gain} evals")
+                state["evals_without_gain"] += 1
+            if recipe.eval.early_stopping_patience and state["evals_without_gain"] >= recipe.eval.early_stopping_patience:
+                log.message(f"early stopping at step {step}: no val_loss gain in {state['evals_without_gain']} evals")
                 break
-    return step
+        # Checkpoint when due, or when any rank was signalled / is out of time (all ranks agree first).
+        stopping = run.stop.should_stop(dist.device)
+        due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (ckpt.every_minutes and time.perf_counter() - last_save >= 60 * ckpt.every_minutes)
+        if (due or stopping) and step < t.max_steps:
+            state.update(step=step, elapsed_s=time.perf_counter() - start)
+            path = checkpoint.save_checkpoint(engine, recipe.output_dir, step, state, dist, exclude_frozen=recipe.method != "full", keep_last=ckpt.keep_last)
+            last_save = time.perf_counter()
+            log.message(f"checkpoint {path} ({'stop: ' + run.stop.reason if stopping else 'periodic'})")
+        if stopping and step < t.max_steps:
+            return step, True
+    return step, False
 
 
 def report_error(e: Exception) -> int:
@@ -331,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(recipe, precision, ds, model_cfg)
     except ConfigError as e:  # data errors are found while loading the data, still before the model
         return report_error(e)
-    last_step = fit(run)
+    last_step, stopped = fit(run)
+    if stopped:  # checkpoint written; the exit code tells the scheduler to requeue (resume: auto continues)
+        run.log.message(f"stopped at step {last_step} ({run.stop.reason}); exit {checkpoint.EXIT_PREEMPTED} to be requeued")
+        run.log.close()
+        distributed.shutdown()
+        return checkpoint.EXIT_PREEMPTED
     run.engine.empty_partition_cache()  # no parameter left gathered or in flight before gathering for the save
     out = checkpoint.save_final(
         run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=run.dist.is_main, steps_trained=last_step

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="model, run outputs and logs (default: a new /tmp dir)")
     p.add_argument("--timeout-s", type=int, default=1800, help="per run (default 1800)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--harness-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe override for the harness run only, e.g. data.packing=true (repeatable); "
+                        "the HF baseline always uses plain padded batches, as HF's collators do")
     args = p.parse_args(argv)
     if args.steps <= args.warmup_steps:
         p.error(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"train.max_steps={args.steps}", "eval.every_steps=0", "log.every_steps=1", "log.progress_bar=false"]
     if args.seq_len:
         overrides.append(f"data.seq_len={args.seq_len}")
+    overrides += args.harness_set
 
     runs: dict = {}
     # (a) the harness. It writes the resolved recipe and DeepSpeed config the baseline then reuses.
@@ -270,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(args.method, args.warmup_steps, summaries)
     print(f"ratio harness/hf tokens/s: {ratio:.3f}  (loop tok/s: {loop_ratio:.3f})")
+    if args.harness_set:
+        print(f"harness overrides: {' '.join(args.harness_set)} (the layouts differ, so per-step tokens and losses differ)")
     print(f"same non-pad tokens at every step: {'yes' if same_tokens else 'NO'}; "
           f"max |loss difference| over steps: {max_loss_diff:.2e}")
     print(f"learning rate used per step: {lr_note}")
@@ -281,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {"method": args.method, "steps": args.steps, "warmup_steps": args.warmup_steps,
                        "like": args.like, "hidden": args.hidden, "layers": args.layers,
                        "intermediate": intermediate, "seq_len": args.seq_len, "recipe": args.recipe,
+                       "harness_overrides": args.harness_set,
                        "work_dir": str(work)},
             "tokens_per_s_definition": "non-pad input tokens summed over ranks / step wall time, "
                                        "total over steps after warmup_steps",

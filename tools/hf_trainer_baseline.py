@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Plain padded samples, as HF's own collators produce, whatever layout the harness run used.
+    recipe.data.packing = recipe.data.padding_free = recipe.data.group_by_length = False
     train_set, _val, _stats = harness_data.build_datasets(recipe.data, tokenizer, t.seed)
     samplers = [harness_data.StepSampler(len(train_set), t.global_batch_size, t.micro_batch_size, world_size, r, t.seed)
                 for r in range(world_size)]

@@ -63,7 +63,7 @@ def main() -> int:
     run = train.setup(recipe, precision, ds, model_cfg)
     dist = run.dist
     shards = shard_report(run.engine.module)
-    last_step = train.fit(run)
+    last_step, _stopped = train.fit(run)
 
     # Logits of the trained model on a fixed batch (the first two validation samples, or training ones).
     samples = (run.val_set or run.train_set)[:2]

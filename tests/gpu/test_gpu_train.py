@@ -1,0 +1,33 @@
+"""GPU tier: bf16 training on CUDA. Skipped cleanly on machines without a GPU (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.helpers import REPO, launch, read_metrics
+
+pytestmark = pytest.mark.gpu
+RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_bf16_one_gpu(tiny_llama, tmp_path, method):
+    """precision=auto resolves to bf16 on CUDA; peak CUDA memory is logged."""
+    launch(["--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", f"method={method}", "train.max_steps=4",
+            "eval.every_steps=0", "log.every_steps=1", "log.progress_bar=false", "deepspeed.config=ds_configs/zero0.json"], nproc=1)
+    steps = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[-1]["peak_allocated_gib"] > 0
+    assert json.loads((tmp_path / "ds_config.json").read_text())["bf16"]["enabled"] is True
+
+
+def test_packing_with_flash_attention(tiny_llama, tmp_path):
+    """flash-attn varlen path (packed rows, position ids) trains when flash-attn is installed."""
+    pytest.importorskip("flash_attn")
+    launch(["--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", "data.packing=true", "train.max_steps=3",
+            "model.attn_implementation=flash_attention_2", "train.precision=bf16", "eval.every_steps=0", "log.every_steps=1",
+            "log.progress_bar=false", "deepspeed.config=ds_configs/zero0.json"], nproc=1)
+    assert len([r for r in read_metrics(tmp_path) if "loss" in r]) == 3
