@@ -46,50 +46,66 @@ def wait_for_save_in_progress(out, proc, timeout_s: float) -> bool:
     return False
 
 
-def logged_steps(out) -> list[int]:
-    return [r["step"] for r in read_metrics(out) if "loss" in r] if (out / "metrics.jsonl").exists() else []
+def logged_steps(out, newer_than: float = 0.0) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.exists() or path.stat().st_mtime < newer_than:
+        return []
+    return [r["step"] for r in read_metrics(out) if "loss" in r]
+
+
+def checkpointed_step(out) -> int:
+    latest = out / "checkpoints" / "latest"
+    return int(latest.read_text().split("_")[1]) if latest.exists() else 0
 
 
 def test_kill9_at_random_moments_then_resume_is_bit_exact(tiny_llama, tmp_path):
-    # Reference run, timed: when training starts (first step logged) and when the job ends.
+    kills = int(os.environ.get("HARNESS_KILL_TESTS", "3"))
+    steps = max(STEPS, 2 * kills + 6)  # room for every kill to land in a run that is still training
+    # Reference run, timed: when training starts (first step logged).
     t0 = time.time()
-    proc = start(args(tiny_llama, tmp_path / "reference"))
+    proc = start(args(tiny_llama, tmp_path / "reference", f"train.max_steps={steps}"))
     first_step_s = None
     while proc.poll() is None:
         if first_step_s is None and logged_steps(tmp_path / "reference"):
             first_step_s = time.time() - t0
         time.sleep(0.05)
-    run_s = time.time() - t0
     assert proc.returncode == 0, proc.stdout.read()[-3000:]
     reference = train_losses(tmp_path / "reference")
-    assert len(reference) == STEPS and first_step_s is not None
+    assert len(reference) == steps and first_step_s is not None
 
     out = tmp_path / "killed"
     rng = random.Random(int(os.environ.get("HARNESS_KILL_SEED", "0")))
-    kills = int(os.environ.get("HARNESS_KILL_TESTS", "3"))
     during_save = 0
     for k in range(kills):
-        proc = start(args(tiny_llama, out))
+        base = checkpointed_step(out)
+        started = time.time()
+        proc = start(args(tiny_llama, out, f"train.max_steps={steps}"))
         if k % 3 == 0:  # every third kill lands while a checkpoint is being written
-            hit = wait_for_save_in_progress(out, proc, 2 * run_s)
+            hit = wait_for_save_in_progress(out, proc, 10 * first_step_s + 60)
             during_save += hit
             moment = "during a save" if hit else "(no save seen)"
-        else:  # anywhere from late start-up to the end: loading, training, saving, the final export
-            delay_s = rng.uniform(0.5 * first_step_s, run_s)
+        elif rng.random() < 0.2:  # start-up: process group, data, model loading, resume
+            delay_s = rng.uniform(0.0, first_step_s)
             try:
                 proc.wait(timeout=delay_s)
             except subprocess.TimeoutExpired:
                 pass
-            moment = f"after {delay_s:.1f} s"
+            moment = f"in start-up after {delay_s:.1f} s"
+        else:  # training: 1-3 steps past the checkpoint, at a random point inside a step
+            target = base + rng.randint(1, 3)
+            while proc.poll() is None and not [s for s in logged_steps(out, newer_than=started) if s >= target]:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+            moment = f"near step {target}"
         finished = proc.poll() is not None
         if not finished:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies at once, like a lost node
         proc.wait()
-        steps = logged_steps(out)
-        print(f"kill {k + 1}/{kills} {moment}{' (the job had already finished)' if finished else ''}: "
-              f"last step logged {steps[-1] if steps else 'none'}")
+        steps_seen = logged_steps(out)
+        print(f"kill {k + 1}/{kills} {moment}{' (the job had already finished)' if finished else ''}: resumed from {base}, "
+              f"last step logged {steps_seen[-1] if steps_seen else 'none'}, checkpoint now {checkpointed_step(out)}")
 
-    final = launch(args(tiny_llama, out), nproc=2)
+    final = launch(args(tiny_llama, out, f"train.max_steps={steps}"), nproc=2)
     losses = train_losses(out)
     print(f"reference {reference}\nresumed   {losses}\n{[line for line in final.stdout.splitlines() if 'resumed' in line]}")
     assert losses == reference  # bit-exact in fp32 on CPU, every step exactly once
