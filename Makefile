@@ -34,11 +34,11 @@ demo: venv
 
 # The whole suite: unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU).
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15 --timeout=1200
 
 # Unit tier only.
 test-fast: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not distributed and not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not distributed and not slow" --timeout=600
 
 clean:
 	rm -rf runs

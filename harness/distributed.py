@@ -41,6 +41,24 @@ def launcher_env() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
 
 
+def skip_cpu_shm_allreduce() -> None:
+    """Keep DeepSpeed on plain gloo for CPU runs instead of its shared-memory allreduce extension.
+
+    On a CPU-only machine DeepSpeed (0.19) JIT-compiles `deepspeed_shm_comm` the first time any process
+    initialises (~100 s, under a file lock that a killed build leaves behind), and every job then
+    creates two 69 MB buffers per rank in /dev/shm that are never removed: a laptop or CI box running
+    the test suite fills /dev/shm (RAM) by gigabytes, and where /dev/shm is small (64 MB container
+    default) the first job dies with SIGBUS. Gloo over loopback is fast enough for CPU jobs; set
+    HARNESS_CPU_SHM_ALLREDUCE=1 to use the extension anyway. GPU runs never reach this op.
+    """
+    if os.environ.get("HARNESS_CPU_SHM_ALLREDUCE", "0") == "1":
+        return
+    import deepspeed.ops
+
+    # deepspeed.comm.torch.build_shm_op() returns None for an op marked incompatible here.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU)."""
     launcher_env()
@@ -60,6 +78,7 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        skip_cpu_shm_allreduce()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=acc.communication_backend_name(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -32,13 +33,29 @@ def child_env(**extra: str) -> dict:
     return env
 
 
+def run_bounded(cmd: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a timeout kills the whole process tree and fails with its output.
+
+    Plain subprocess.run(timeout=...) kills only the launcher; its ranks keep the output pipes open, so
+    the call then waits for them forever and a hung job hangs the whole test session.
+    """
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout_s} s, killed\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def launch(args: list[str], nproc: int = 1, timeout_s: int = 600, check: bool = True, script: str = TRAIN, env: dict | None = None):
     """Run `script` with `args` under the deepspeed launcher (nproc ranks) or as one plain process."""
     if nproc == 1:
         cmd = [sys.executable, script, *args]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout_s)
+    proc = run_bounded(cmd, env or child_env(), timeout_s)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 
 from harness import config as harness_config  # noqa: E402
 from harness import data as harness_data  # noqa: E402
+from harness import distributed as harness_distributed  # noqa: E402
 
 # DeepSpeed 0.19 calls collective names that torch 2.13 deprecates on every step: say it once.
 warnings.filterwarnings("once", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
@@ -324,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
 
     _ = training_args.device
+    if not torch.cuda.is_available():
+        harness_distributed.skip_cpu_shm_allreduce()  # same CPU collectives as the harness run
     deepspeed.init_distributed()
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import REPO, TRAIN, free_port, read_metrics, child_env, train_losses, launch
+from tests.helpers import REPO, TRAIN, child_env, free_port, launch, read_metrics, run_bounded, train_losses
 
 pytestmark = pytest.mark.distributed
 RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
@@ -28,7 +27,7 @@ def test_torchrun_two_ranks(tiny_llama, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), TRAIN,
            "--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", "train.max_steps=3", "eval.every_steps=0",
            "log.progress_bar=false", "log.every_steps=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = run_bounded(cmd, child_env(), timeout_s=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world_size=2" in proc.stdout
     assert len(train_losses(tmp_path)) == 3

@@ -21,6 +21,7 @@ from tests.helpers import REPO, TRAIN, child_env, free_port, launch, read_metric
 pytestmark = pytest.mark.distributed
 RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
 STEPS = 16
+JOB_TIMEOUT_S = 600  # one job on 2 busy cores takes ~30-60 s; past this it is hung, not slow
 
 
 def args(model_path, out_dir, *extra) -> list[str]:
@@ -30,9 +31,26 @@ def args(model_path, out_dir, *extra) -> list[str]:
             "log.progress_bar=false", "checkpoint.every_steps=2", "checkpoint.keep_last=3", *extra]
 
 
-def start(argv: list[str]) -> subprocess.Popen:
+def start(argv: list[str], log_path) -> subprocess.Popen:
+    """The 2-rank job in its own session (so one killpg takes every rank), output to a file: a pipe that
+    nobody reads until the job ends fills at 64 KiB and blocks the job forever."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *argv]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def tail(log_path, n_chars: int = 3000) -> str:
+    return log_path.read_text(errors="replace")[-n_chars:]
+
+
+def wait_or_kill(proc: subprocess.Popen, log_path, timeout_s: float) -> int:
+    """Wait for the job; past `timeout_s` kill its whole session and fail with its output."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"job still running after {timeout_s:.0f} s\n{tail(log_path)}") from None
 
 
 def wait_for_save_in_progress(out, proc, timeout_s: float) -> bool:
@@ -63,13 +81,14 @@ def test_kill9_at_random_moments_then_resume_is_bit_exact(tiny_llama, tmp_path):
     steps = max(STEPS, 2 * kills + 6)  # room for every kill to land in a run that is still training
     # Reference run, timed: when training starts (first step logged).
     t0 = time.time()
-    proc = start(args(tiny_llama, tmp_path / "reference", f"train.max_steps={steps}"))
+    log = tmp_path / "jobs.log"
+    proc = start(args(tiny_llama, tmp_path / "reference", f"train.max_steps={steps}"), log)
     first_step_s = None
-    while proc.poll() is None:
+    while proc.poll() is None and time.time() - t0 < JOB_TIMEOUT_S:
         if first_step_s is None and logged_steps(tmp_path / "reference"):
             first_step_s = time.time() - t0
         time.sleep(0.05)
-    assert proc.returncode == 0, proc.stdout.read()[-3000:]
+    assert wait_or_kill(proc, log, 1) == 0, tail(log)
     reference = train_losses(tmp_path / "reference")
     assert len(reference) == steps and first_step_s is not None
 
@@ -79,7 +98,7 @@ def test_kill9_at_random_moments_then_resume_is_bit_exact(tiny_llama, tmp_path):
     for k in range(kills):
         base = checkpointed_step(out)
         started = time.time()
-        proc = start(args(tiny_llama, out, f"train.max_steps={steps}"))
+        proc = start(args(tiny_llama, out, f"train.max_steps={steps}"), log)
         if k % 3 == 0:  # every third kill lands while a checkpoint is being written
             hit = wait_for_save_in_progress(out, proc, 10 * first_step_s + 60)
             during_save += hit
@@ -94,6 +113,7 @@ def test_kill9_at_random_moments_then_resume_is_bit_exact(tiny_llama, tmp_path):
         else:  # training: 1-3 steps past the checkpoint, at a random point inside a step
             target = base + rng.randint(1, 3)
             while proc.poll() is None and not [s for s in logged_steps(out, newer_than=started) if s >= target]:
+                assert time.time() - started < JOB_TIMEOUT_S, f"step {target} never came\n{tail(log)}"
                 time.sleep(0.005)
             time.sleep(rng.uniform(0.0, 0.3))
             moment = f"near step {target}"
@@ -115,18 +135,19 @@ def test_kill9_at_random_moments_then_resume_is_bit_exact(tiny_llama, tmp_path):
 
 def test_sigusr1_to_one_rank_checkpoints_exits_75_and_resumes(tiny_llama, tmp_path):
     out = tmp_path / "run"
-    proc = start(args(tiny_llama, out, "checkpoint.every_steps=0", "train.max_steps=40"))
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until training is under way
-        if (out / "metrics.jsonl").exists() and len(train_losses(out)) >= 3:
-            break
+    log = tmp_path / "job.log"
+    proc = start(args(tiny_llama, out, "checkpoint.every_steps=0", "train.max_steps=40"), log)
+    deadline = time.time() + JOB_TIMEOUT_S
+    while not ((out / "metrics.jsonl").exists() and len(train_losses(out)) >= 3):  # training under way
+        if proc.poll() is not None or time.time() > deadline:
+            wait_or_kill(proc, log, 1)
+            raise AssertionError(f"training never got under way (exit {proc.returncode})\n{tail(log)}")
         time.sleep(0.2)
     ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(p.cmdline())]
     assert ranks, "rank 1 not found"
     signalled_at = len(train_losses(out))
     ranks[0].send_signal(signal.SIGUSR1)  # only rank 1: the ranks must agree on stopping
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 75, output[-3000:]
+    assert wait_or_kill(proc, log, 300) == 75, tail(log)
     saved = sorted((out / "checkpoints").glob("step_*"))
     assert len(saved) == 1
     saved_step = int(saved[0].name.split("_")[1])
