@@ -14,6 +14,7 @@ ZeRO-3 shards by all ranks together (a save from rank 0 alone would hang ZeRO-3)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -65,13 +66,14 @@ def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt_dir: Path, step: int) -> dict:
-    """fsync every file in `ckpt_dir`, then record it (relative path, bytes, sha256) in the manifest."""
+def write_manifest(ckpt_dir: Path, step: int, world_size: int = 1, zero_stage: int = 0) -> dict:
+    """fsync every file in `ckpt_dir`, then record it (relative path, bytes, sha256) in the manifest,
+    with the world size and ZeRO stage that wrote it (a resume on another world size converts)."""
     files = {}
     for p in sorted(x for x in ckpt_dir.rglob("*") if x.is_file() and x.name != MANIFEST):
         _fsync_path(p)
         files[str(p.relative_to(ckpt_dir))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    manifest = {"step": step, "files": files}
+    manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
     atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -143,6 +145,63 @@ def prune(output_dir: str | Path, keep_last: int) -> None:
     if keep_last > 0:
         for p in step_dirs(output_dir)[keep_last:]:
             shutil.rmtree(p, ignore_errors=True)
+    # Universal copies are derived data: keep them only beside the checkpoint they were made from.
+    for p in (root / UNIVERSAL).glob("step_*"):
+        if not (root / p.name.removesuffix(".tmp")).is_dir() or p.suffix == ".tmp":
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def read_manifest(ckpt_dir: Path) -> dict:
+    manifest = json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+    if "world_size" not in manifest:  # written before the field existed: one RNG file per rank
+        manifest["world_size"] = len(list(Path(ckpt_dir).glob("rng_rank*.json"))) or 1
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe loading: DeepSpeed's .pt files are pickles; never let one run code
+# --------------------------------------------------------------------------------------------------
+
+TRUST_PICKLES_ENV = "HARNESS_TRUST_CHECKPOINT_PICKLES"
+
+
+def _deepspeed_safe_globals() -> list:
+    """Plain-data classes that DeepSpeed pickles into its checkpoint files besides tensors and builtins."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Inside this block every `torch.load` (DeepSpeed's own included: it passes weights_only=False)
+    uses torch's restricted unpickler, which builds tensors, containers and the allow-listed DeepSpeed
+    classes and refuses anything else, so a tampered checkpoint cannot execute code. Setting
+    HARNESS_TRUST_CHECKPOINT_PICKLES=1 turns this off for checkpoints you trust that hold other objects."""
+    if os.environ.get(TRUST_PICKLES_ENV) == "1":
+        yield
+        return
+    real_load = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return real_load(f, *args, **kwargs)
+        except Exception as e:  # torch raises UnpicklingError with the offending global in the text
+            if "Weights only load failed" not in str(e):
+                raise
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            what = f"a pickled {found.group(1)}" if found else "a pickled object that is not plain data"
+            raise ValueError(f"{f} holds {what}, which the harness does not unpickle (it could run code). "
+                             f"If you trust this checkpoint, rerun with {TRUST_PICKLES_ENV}=1.") from None
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real_load
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +250,7 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
         json.dump(rng_state(), f)
     distributed.barrier()  # every rank's files are written
     if dist.is_main:
-        write_manifest(tmp, step)
+        write_manifest(tmp, step, world_size=dist.world_size, zero_stage=engine.zero_optimization_stage())
         final = root / tag
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -202,15 +261,54 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
     return root / tag
 
 
-def load_checkpoint(engine, ckpt_dir: Path, dist, *, exclude_frozen: bool) -> dict:
-    """Restore model, optimizer, LR scheduler and this rank's RNG; return the trainer state."""
+UNIVERSAL = "universal"
+
+
+def needs_universal(manifest: dict, world_size: int) -> bool:
+    """A ZeRO-1/2/3 checkpoint holds one optimizer shard per rank, laid out for the world size that wrote
+    it; on another world size it must be loaded through DeepSpeed's universal (per-parameter) format.
+    Without ZeRO, rank 0 saved the whole optimizer state, which any world size loads."""
+    return manifest["world_size"] != world_size and manifest.get("zero_stage", 3) > 0
+
+
+def universal_copy(ckpt_dir: Path, dist, log=print) -> Path:
+    """`checkpoints/universal/step_N`: `ckpt_dir` converted by DeepSpeed's ds_to_universal (rank 0
+    converts, the others wait; reused when it already exists). Written under a temporary name and
+    renamed, so a crash mid-conversion leaves nothing that looks complete."""
+    out = ckpt_dir.parent / UNIVERSAL / ckpt_dir.name
+    if dist.is_main and not out.is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = out.parent / f"{out.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        log(f"converting {ckpt_dir.name} (saved by {read_manifest(ckpt_dir)['world_size']} ranks) to DeepSpeed's universal "
+            f"format for {dist.world_size} ranks: {out}")
+        args = Namespace(input_folder=str(ckpt_dir), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                         keep_temp_folder=False, no_strict=False, inject_missing_state=False)
+        with weights_only_loading():
+            ds_to_universal.main(args)
+        (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's own pointer; unused
+        os.replace(tmp, out)
+    distributed.barrier()
+    return out
+
+
+def load_checkpoint(engine, ckpt_dir: Path, dist, *, exclude_frozen: bool, universal_dir: Path | None = None) -> dict:
+    """Restore model, optimizer, LR scheduler and this rank's RNG; return the trainer state. With
+    `universal_dir` (another world size; the engine was built with checkpoint.load_universal) the
+    weights and optimizer come from that converted copy, the RNG files from `ckpt_dir`."""
+    src = universal_dir or ckpt_dir
     # Frozen weights are not in a LoRA/QLoRA checkpoint: they were loaded from model.path already.
-    _, client = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=not exclude_frozen,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    with weights_only_loading():
+        _, client = engine.load_checkpoint(str(src.parent), tag=src.name, load_module_strict=not exclude_frozen,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_dir}")
     rng_file = ckpt_dir / f"rng_rank{dist.rank:05d}.json"
-    if rng_file.is_file():  # absent when resuming on more ranks than saved: those ranks keep their seed
+    if rng_file.is_file():  # a universal copy has none, nor has a rank beyond the saved world: seeds stay
         set_rng_state(json.loads(rng_file.read_text()))
     return client["trainer"]
 
@@ -247,7 +345,7 @@ def check_adapter(state: dict[str, torch.Tensor]) -> None:
     empty = [k for k, v in lora.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"adapter tensors are empty after gathering (ZeRO-3 shards not gathered): {empty[:3]}")
-    if all(float(v.abs().max()) == 0.0 for k, v in lora.items() if "lora_B" in k):
+    if all(float(v.detach().abs().max()) == 0.0 for k, v in lora.items() if "lora_B" in k):
         raise RuntimeError("every lora_B is zero: the adapter was never updated; check lr and trainable parameters")
 
 

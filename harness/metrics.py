@@ -69,8 +69,11 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if resume_step and self.path.is_file():  # resuming: keep the records up to the checkpoint's step
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        if resume_step and self.path.is_file():
+            # Resuming: keep the step records up to the checkpoint's step. Step-less records (the data
+            # summary) are written again by this run, so the old copies go.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", resume_step + 1) <= resume_step]
         self.file = self.path.open("w", buffering=1)
         self.file.writelines(line + "\n" for line in kept)
         if progress_bar:

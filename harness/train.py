@@ -196,8 +196,14 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     torch.distributed.broadcast_object_list(choice, src=0)
     resume_dir = Path(choice[0]) if choice[0] else None
     state = {"step": 0, "tokens_seen": 0.0, "elapsed_s": 0.0, "best_val": math.inf, "evals_without_gain": 0}
+    universal_dir = None
     if resume_dir is not None:
-        state["step"] = json.loads((resume_dir / checkpoint.MANIFEST).read_text())["step"]
+        manifest = checkpoint.read_manifest(resume_dir)
+        state["step"] = manifest["step"]
+        if checkpoint.needs_universal(manifest, dist.world_size):
+            # Another world size: load DeepSpeed's per-parameter (universal) copy of the checkpoint.
+            universal_dir = checkpoint.universal_copy(resume_dir, dist)
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     log = metrics.MetricsLogger(
         recipe.output_dir,
         is_main=dist.is_main,
@@ -259,8 +265,8 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=ds)
     engine.train()
     if resume_dir is not None:
-        state = checkpoint.load_checkpoint(engine, resume_dir, dist, exclude_frozen=recipe.method != "full")
-        log.message(f"resumed from {resume_dir} at step {state['step']}")
+        state = checkpoint.load_checkpoint(engine, resume_dir, dist, exclude_frozen=recipe.method != "full", universal_dir=universal_dir)
+        log.message(f"resumed from {resume_dir}{' (universal copy)' if universal_dir else ''} at step {state['step']}")
 
     # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
     embed_numel = 0 if model_cfg.get("tie_word_embeddings") else int(model_cfg["vocab_size"]) * int(model_cfg["hidden_size"])

@@ -85,3 +85,71 @@ def test_rng_state_round_trips_through_json():
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     checkpoint.set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+class _RunsCode:
+    """A pickle whose loading calls a function: what a tampered checkpoint would carry."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_loading_refuses_pickled_code_unless_trusted(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"weights": torch.ones(2), "payload": _RunsCode()}, bad)
+    good = tmp_path / "mp_rank_00_model_states.pt"
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    torch.save({"module": {"w": torch.arange(3.0)}, "zero_stage": ZeroStageEnum.weights}, good)
+    with checkpoint.weights_only_loading():
+        # DeepSpeed passes weights_only=False itself; inside the block that is overridden
+        with pytest.raises(ValueError, match=r"holds a pickled print, which the harness does not unpickle.*HARNESS_TRUST_CHECKPOINT_PICKLES=1"):
+            torch.load(bad, weights_only=False)
+        loaded = torch.load(good, weights_only=False)  # tensors and allow-listed DeepSpeed classes load
+    assert torch.equal(loaded["module"]["w"], torch.arange(3.0)) and loaded["zero_stage"] is ZeroStageEnum.weights
+    assert "this ran" not in capsys.readouterr().out
+    assert torch.load.__module__ == "torch.serialization"  # restored after the block
+
+    monkeypatch.setenv(checkpoint.TRUST_PICKLES_ENV, "1")
+    with checkpoint.weights_only_loading():
+        torch.load(bad, weights_only=False)
+    assert "this ran while loading" in capsys.readouterr().out
+
+
+def test_universal_copy_needed_only_for_zero_on_another_world_size():
+    assert checkpoint.needs_universal({"world_size": 2, "zero_stage": 3}, 1)
+    assert checkpoint.needs_universal({"world_size": 1, "zero_stage": 2}, 4)
+    assert not checkpoint.needs_universal({"world_size": 2, "zero_stage": 3}, 2)
+    assert not checkpoint.needs_universal({"world_size": 2, "zero_stage": 0}, 1)  # rank 0 saved the whole optimizer
+
+
+def test_prune_drops_universal_copies_of_deleted_checkpoints(tmp_path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    root = tmp_path / checkpoint.CHECKPOINTS
+    for name in ("step_00000002", "step_00000006", "step_00000008.tmp"):
+        (root / checkpoint.UNIVERSAL / name).mkdir(parents=True)
+    checkpoint.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in (root / checkpoint.UNIVERSAL).iterdir()) == ["step_00000006"]
+    assert [p.name for p in checkpoint.step_dirs(tmp_path)] == ["step_00000006", "step_00000004"]
+
+
+def test_metrics_on_resume_keep_steps_up_to_the_checkpoint_once(tmp_path):
+    from harness.metrics import MetricsLogger
+
+    def logger(resume_step):
+        return MetricsLogger(str(tmp_path), is_main=True, total_steps=6, progress_bar=False, wandb_cfg=None, recipe_dict={},
+                             resume_step=resume_step)
+
+    first = logger(0)
+    first.log({"data": {"rows": 10}})
+    for step in range(1, 6):
+        first.log({"step": step, "loss": 1.0 / step})
+    first.close()
+    again = logger(3)  # resumed from the step-3 checkpoint: steps 4-5 will be logged again
+    again.log({"data": {"rows": 10}})
+    again.log({"step": 4, "loss": 0.25})
+    again.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in records] == [1, 2, 3, None, 4]
+    assert sum("data" in r for r in records) == 1

@@ -157,3 +157,27 @@ def test_sigusr1_to_one_rank_checkpoints_exits_75_and_resumes(tiny_llama, tmp_pa
     resumed = launch(args(tiny_llama, out, "checkpoint.every_steps=0", "train.max_steps=40"), nproc=2)
     assert f"at step {saved_step}" in resumed.stdout
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == list(range(1, 41))
+
+
+def test_resume_two_ranks_to_one_and_back(tiny_llama, tmp_path):
+    """2 ranks save at step 4 -> 1 rank continues to 8 (saving at 6) -> 2 ranks continue from 6. The
+    optimizer shards are laid out per world size, so both hops go through DeepSpeed's universal copy."""
+    import shutil
+
+    extra = ["lora.dropout=0.0", "train.max_steps=8", "checkpoint.keep_last=10"]  # no dropout: RNG streams differ per rank
+    launch(args(tiny_llama, tmp_path / "ref", *extra), nproc=2)
+    reference = dict(zip(range(1, 9), train_losses(tmp_path / "ref")))
+
+    def continue_from(ckpt, out, nproc):
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ckpt, out / "checkpoints" / ckpt.name)
+        proc = launch(args(tiny_llama, out, *extra), nproc=nproc)
+        assert f"resumed from {out / 'checkpoints' / ckpt.name} (universal copy) at step" in proc.stdout
+        return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+
+    one = continue_from(tmp_path / "ref" / "checkpoints" / "step_00000004", tmp_path / "one", nproc=1)
+    two = continue_from(tmp_path / "one" / "checkpoints" / "step_00000006", tmp_path / "two", nproc=2)
+    assert sorted(one) == [5, 6, 7, 8] and sorted(two) == [7, 8]
+    rel = {f"{hop} step {s}": abs(got[s] - reference[s]) / abs(reference[s]) for hop, got in (("2->1", one), ("1->2", two)) for s in got}
+    print("relative difference to the 2-rank run:", {k: f"{v:.2e}" for k, v in rel.items()})
+    assert max(rel.values()) < 1e-4

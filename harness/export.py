@@ -1,0 +1,230 @@
+"""Turn a run into files that other tools load, each export verifying itself by comparing logits.
+
+Three formats (the CLI is `tools/export.py`):
+- `hf`      (method full): the ZeRO-3 shards consolidated into a Hugging Face model directory
+            (safetensors + config + tokenizer). Check: the directory, reloaded by transformers, gives the
+            same logits as the consolidated weights in memory.
+- `adapter` (lora/qlora/int8): the LoRA weights in peft format. Check: base + the adapter reloaded by
+            peft gives the same logits as base + the checkpoint's weights.
+- `merged`  (lora/qlora/int8): LoRA merged into the base, written as a plain model directory. A
+            quantised base is dequantised first (the weights training actually saw: NF4 or int8 values,
+            not the original checkpoint's), then W' = W + (alpha / r) * B @ A. Check: the merged model's
+            logits equal the adapter applied to the quantised base, the way training ran it.
+
+Sources: a training checkpoint (`checkpoints/step_N`, any ZeRO stage and world size; read through
+DeepSpeed's own consolidation, with pickles loaded weights-only) or the run's final `adapter/` or
+`model/` directory. Everything runs on CPU in fp32 so the comparison means something; `dtype` only
+sets what is written. Memory: the merged export holds the quantised model and an fp32 copy of the
+base at once (about 4.5 bytes per parameter).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness import checkpoint, config
+from harness import model as model_lib
+
+FORMATS = ("hf", "adapter", "merged")
+TOLERANCE = 1e-5  # max |logit difference| / max(1, max |logit|), fp32: the same weights by another op order
+PROBE_SHAPE = (2, 24)  # (batch, tokens) of seeded random token ids fed to both models
+ATTN = "eager"  # one attention kernel for every model compared, so differences come from the weights
+
+
+@dataclass
+class Source:
+    kind: str  # "checkpoint" | "adapter" | "model"
+    path: Path
+    step: int | None
+
+
+def find_source(run_dir: str | Path, which: str = "latest") -> Source:
+    """`latest` (the newer of the newest verified checkpoint and the final output), `final`, `step_N`/N,
+    or a path."""
+    run = Path(run_dir)
+    if which in ("latest", "final"):
+        final = [Source(kind, run / kind, None) for kind in ("adapter", "model") if (run / kind / "config.json").is_file()
+                 or (run / kind / "adapter_config.json").is_file()]
+        found = checkpoint.find_resume_dir(run, "auto", log=print) if which == "latest" else None
+        if found is not None and (not final or (found / checkpoint.MANIFEST).stat().st_mtime > final[0].path.stat().st_mtime):
+            return Source("checkpoint", found, checkpoint.read_manifest(found)["step"])
+        if final:
+            return final[0]
+        raise ValueError(f"{run} has no verified checkpoint and no adapter/ or model/ directory to export")
+    path = Path(which)
+    if not path.is_dir():
+        step = which.removeprefix("step_")
+        path = run / checkpoint.CHECKPOINTS / (f"step_{int(step):08d}" if step.isdigit() else which)
+    if not path.is_dir():
+        raise ValueError(f"no checkpoint {which!r}: looked for {path}; choose latest, final, step_N or a directory")
+    if (path / checkpoint.MANIFEST).is_file():
+        problem = checkpoint.verify(path)
+        if problem:
+            raise ValueError(f"checkpoint {path} is not usable: {problem}")
+        return Source("checkpoint", path, checkpoint.read_manifest(path)["step"])
+    kind = "adapter" if (path / "adapter_config.json").is_file() else "model"
+    return Source(kind, path, None)
+
+
+def checkpoint_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors of the weights a checkpoint holds (the trainable ones for LoRA/QLoRA, which
+    excluded frozen weights), keyed by the training model's parameter names."""
+    zero_files = sorted(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    with checkpoint.weights_only_loading():
+        if zero_files:  # ZeRO 1-3: DeepSpeed stitches every rank's flat fp32 partition back together
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        else:  # no ZeRO: rank 0 saved the module's state dict whole
+            state = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+    return {k: v.float() for k, v in state.items() if v.numel() > 0}
+
+
+def probe_ids(vocab_size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, PROBE_SHAPE, generator=g)
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=ids).logits.float()
+
+
+def compare(name: str, got: torch.Tensor, want: torch.Tensor, log=print) -> float:
+    """Max |logit difference|. The limit scales with the logits' size: fp32 rounding differs between
+    x @ (W + sBA)^T and x @ W^T + s (x @ A^T) @ B^T by a relative ~1e-6, more for deep, wide models."""
+    diff = float((got - want).abs().max())
+    limit = TOLERANCE * max(1.0, float(want.abs().max()))
+    log(f"verify {name}: max |logit difference| {diff:.3g} (limit {limit:.3g}; logits up to {float(want.abs().max()):.3g})")
+    if not diff <= limit:
+        raise RuntimeError(f"export check failed: {name} logits differ by {diff:.3g} > {limit:.3g}")
+    return diff
+
+
+def _training_model(recipe: config.Recipe):
+    """The model as training built it (quantised base + fresh LoRA, or the full model), fp32 on CPU."""
+    lo = recipe.lora
+    return model_lib.load_model(recipe.model.path, method=recipe.method, precision="fp32", attn_implementation=ATTN,
+                                device=torch.device("cpu"), zero3=False, trust_remote_code=recipe.model.trust_remote_code,
+                                freeze_layers=recipe.freeze_layers, lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                lora_targets=lo.target_modules, seed=recipe.train.seed)
+
+
+def _put_weights(model, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `model` by parameter name; every tensor must land, and for LoRA every lora_
+    weight of the model must be covered."""
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{what} has weights the model does not: {unknown[:3]} (was it trained with another recipe?)")
+    missing = sorted(k for k in params if "lora_" in k and k not in state)
+    if missing:
+        raise ValueError(f"{what} lacks LoRA weights {missing[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if params[k].shape != v.shape:
+                raise ValueError(f"{what}: {k} has shape {tuple(v.shape)}, the model {tuple(params[k].shape)}")
+            params[k].copy_(v)
+
+
+def _adapter_state(source: Source) -> dict[str, torch.Tensor]:
+    if source.kind == "checkpoint":
+        return checkpoint_weights(source.path)
+    if source.kind != "adapter":
+        raise ValueError(f"{source.path} is a full model, not a LoRA adapter; use --format hf")
+    from peft.utils import load_peft_weights
+
+    # peft stores names without the adapter name ("lora_A.weight"); the live model has "lora_A.default.weight".
+    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v.float()
+            for k, v in load_peft_weights(str(source.path), device="cpu").items()}
+
+
+def _save(model, tokenizer_path: str, out: Path, dtype: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(model_lib.DTYPES[dtype]).save_pretrained(str(out), safe_serialization=True)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest", dtype: str = "fp32", log=print) -> dict:
+    """Write `out` in format `fmt` from `which` of `run_dir`; returns the figures of the checks."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in model_lib.DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(model_lib.DTYPES)}")
+    run = Path(run_dir)
+    recipe_file = run / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise ValueError(f"{run} is not a harness run directory (no recipe.yaml)")
+    recipe = config.load_recipe(str(recipe_file))
+    is_lora = recipe.method != "full"
+    if is_lora == (fmt == "hf"):
+        raise ValueError(f"format {fmt!r} does not apply to a method={recipe.method} run; "
+                         f"use {'adapter or merged' if is_lora else 'hf'}")
+    source = find_source(run, which)
+    out = Path(out)
+    log(f"exporting {source.kind} {source.path}{f' (step {source.step})' if source.step is not None else ''} as {fmt} to {out}")
+    from transformers import AutoModelForCausalLM
+
+    vocab = int(config.read_model_config(recipe.model.path)["vocab_size"])
+    ids = probe_ids(vocab)
+    report = {"format": fmt, "source": str(source.path), "step": source.step}
+
+    if fmt == "hf":
+        if source.kind == "checkpoint":
+            model = _training_model(recipe)
+            _put_weights(model, checkpoint_weights(source.path), str(source.path))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32, attn_implementation=ATTN)
+        want = logits(model, ids)
+        _save(model, recipe.model.path, out, dtype)
+        if dtype == "fp32":
+            report["reload_max_diff"] = compare("reloaded model vs consolidated weights", logits(
+                AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
+        return report
+
+    state = _adapter_state(source)
+    checkpoint.check_adapter(state)
+    adapted = _training_model(recipe)  # quantised base + LoRA, exactly as trained
+    _put_weights(adapted, state, str(source.path))
+    want = logits(adapted, ids)
+
+    if fmt == "adapter":
+        out.mkdir(parents=True, exist_ok=True)
+        adapted.save_pretrained(str(out), safe_serialization=True)
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
+                                                    quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
+                                                    device_map={"": "cpu"})
+        reloaded = PeftModel.from_pretrained(base, str(out))
+        report["reload_max_diff"] = compare("base + reloaded adapter vs checkpoint weights", logits(reloaded, ids), want, log)
+        return report
+
+    # merged: dequantise the base (what training saw), apply the same LoRA, fold it into the weights
+    del adapted
+    import peft
+
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
+                                                quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
+                                                device_map={"": "cpu"})
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize(dtype=torch.float32)
+    lo = recipe.lora
+    lcfg = peft.LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=0.0, target_modules=lo.target_modules, task_type="CAUSAL_LM", bias="none")
+    wrapped = peft.get_peft_model(base, lcfg)
+    _put_weights(wrapped, state, str(source.path))
+    merged = wrapped.merge_and_unload()
+    report["merged_max_diff"] = compare("merged model vs adapter on the quantised base", logits(merged, ids), want, log)
+    _save(merged, recipe.model.path, out, dtype)
+    if dtype == "fp32":
+        report["reload_max_diff"] = compare("reloaded merged directory", logits(
+            AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
+    (out / "export.json").write_text(json.dumps(report, indent=1))
+    return report
