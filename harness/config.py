@@ -35,6 +35,7 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
 DATA_FORMATS = ("alpaca", "completion", "text", "chat")
 MIXING = ("weight", "temperature", "epochs")
+KERNELS = ("rmsnorm", "rope", "swiglu", "linear_cross_entropy", "nf4")  # fused kernels (harness/kernels, README "Kernels")
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ModelConfig:
     path: str = ""  # local Hugging Face model directory (config.json + *.safetensors)
     attn_implementation: str = "auto"  # auto = flash_attention_2 when flash-attn imports on CUDA, else sdpa
     trust_remote_code: bool = False  # run the model directory's own Python code (off unless you trust it)
+    loader: str = "auto"  # auto = streamed under ZeRO-3, else hf; streamed: layer by layer into ZeRO-3 shards; hf: from_pretrained
 
 
 @dataclass
@@ -98,6 +100,7 @@ class TrainConfig:
     gradient_checkpointing: str = "none"  # none | full | every_k (non-reentrant)
     checkpoint_every_k: int = 2  # with every_k: recompute every k-th decoder layer
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = known GPU table, none on CPU
+    memory_check: bool = True  # on CUDA, refuse to start when the memory budget (harness/memory) says it will not fit
 
 
 @dataclass
@@ -115,6 +118,7 @@ class LogConfig:
     wandb: bool = False  # offline when WANDB_API_KEY is not set
     wandb_project: str = "harness"
     wandb_run_name: str = ""
+    memory_every_steps: int = 50  # per-category memory footprint at step 1 and every N steps (0 = off); memory_report.md at the end
 
 
 @dataclass
@@ -145,6 +149,7 @@ class Recipe:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    kernels: Any = field(default_factory=list)  # fused kernels to switch in: a list of KERNELS names, or "all"; [] = none
     output_dir: str = "runs/default"
 
 
@@ -374,10 +379,21 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _choice(recipe.train.gradient_checkpointing, CHECKPOINTING, "train.gradient_checkpointing")
     _choice(recipe.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
     _choice(recipe.model.attn_implementation, ATTN_IMPLS, "model.attn_implementation")
+    _choice(recipe.model.loader, ("auto", "streamed", "hf"), "model.loader")
     _choice(recipe.data.on_error, ("raise", "skip"), "data.on_error")
     _choice(recipe.data.overlong, ("truncate", "drop"), "data.overlong")
     _choice(recipe.data.chat_template, ("auto", "builtin"), "data.chat_template")
     _choice(recipe.data.mixing, MIXING, "data.mixing")
+    kernels = [recipe.kernels] if isinstance(recipe.kernels, str) and recipe.kernels != "all" else recipe.kernels
+    if kernels != "all":
+        if not isinstance(kernels, list):
+            raise ConfigError(f"kernels must be a list of {', '.join(KERNELS)} or 'all', got {recipe.kernels!r}")
+        for name in kernels:
+            _choice(name, KERNELS, "kernels")
+        if len(set(kernels)) != len(kernels):
+            raise ConfigError(f"kernels lists a name twice: {kernels}")
+        if "nf4" in kernels and recipe.method != "qlora":
+            raise ConfigError(f"kernel nf4 dequantises 4-bit weights: it needs method=qlora (not {recipe.method}); drop nf4 from kernels")
 
     # Model directory.
     mp = recipe.model.path
@@ -487,7 +503,8 @@ def resolve_precision(precision: str, on_cuda: bool) -> str:
 
 
 def env_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The launcher's world size; under `srun` with one task per GPU, the step's task count."""
+    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
 
 
 __all__ = [

@@ -34,7 +34,21 @@ def _free_port() -> int:
 
 
 def launcher_env() -> None:
-    """Give a plain `python` process the variables a launcher would have set."""
+    """Give the process the variables a launcher (deepspeed, torchrun) would have set.
+
+    - `srun` with one task per GPU (no launcher in between): rank, local rank and world size come from
+      SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS; MASTER_ADDR/PORT must be exported by the
+      batch script (slurm/launch.sh does). Only inside an srun step: a plain `python` in the batch
+      shell of a multi-task job is still a world of one.
+    - a plain `python` process: a world of one on a free local port.
+    """
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise RuntimeError(f"srun started {os.environ['SLURM_STEP_NUM_TASKS']} tasks but {' and '.join(missing)} "
+                               "is not set: export them in the batch script (see slurm/launch.sh)")
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+                          WORLD_SIZE=os.environ["SLURM_STEP_NUM_TASKS"])
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -90,24 +90,35 @@ def load_model(
     lora_dropout: float = 0.05,
     lora_targets="all-linear",
     seed: int = 0,
+    loader: str = "hf",
+    ds_config: dict | None = None,
 ):
     """Load the causal LM and make only the parameters of `method` trainable.
 
     Under ZeRO-3 the caller must have created a `transformers.integrations.HfDeepSpeedConfig` (and keep
     it alive) so `from_pretrained` builds the model inside `deepspeed.zero.Init`: each rank then holds
-    only its shard of every 16/32-bit weight.
+    only its shard of every 16/32-bit weight (but the whole of a 4-bit model until deepspeed.initialize).
+    `loader="streamed"` (harness/loading.py) reads and partitions one layer at a time instead, 4-bit
+    included, when given the ZeRO-3 `ds_config`; it must run without an HfDeepSpeedConfig alive.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[precision]
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     qcfg = quantization_config(method, dtype)
-    if qcfg is not None:
-        kwargs["quantization_config"] = qcfg
-        if not zero3:
-            # bitsandbytes quantises while placing weights on the device.
-            kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if loader == "streamed":
+        from harness import loading
+
+        model = loading.load_streamed(path, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                                      ds_config=ds_config if zero3 else None, quantization_config=qcfg,
+                                      trust_remote_code=trust_remote_code)
+    else:
+        if qcfg is not None:
+            kwargs["quantization_config"] = qcfg
+            if not zero3:
+                # bitsandbytes quantises while placing weights on the device.
+                kwargs["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
 
     if method == "full":

@@ -30,8 +30,9 @@ if __package__ in (None, ""):  # run as a script (deepspeed / torchrun / python 
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint, config, data, distributed, metrics
+from harness import checkpoint, config, data, distributed, kernels, metrics
 from harness import model as model_lib
+from harness.memory import live as live_memory
 from harness.config import ConfigError
 from harness.deepspeed_config import offloads_optimizer, resolve_ds_config, zero_stage
 
@@ -65,7 +66,22 @@ def prepare(argv: list[str]):
         on_cuda=on_cuda,
         src=recipe.deepspeed.config,
     )
+    if on_cuda and recipe.train.memory_check:
+        check_memory_budget(recipe, world_size, torch.cuda.get_device_properties(0).total_memory)
     return args, recipe, precision, ds, model_cfg
+
+
+def check_memory_budget(recipe: config.Recipe, world_size: int, device_memory_bytes: int) -> None:
+    """Refuse a run the pre-flight budget says will not fit, before any rank loads a model."""
+    from harness import memory
+    from harness.memory import report
+
+    budget = memory.budget_for_recipe(recipe, world_size, device_memory_bytes)
+    if budget.fits is False:
+        raise ConfigError(f"the memory budget says this run does not fit in {device_memory_bytes / 2**30:.1f} GiB per GPU:\n"
+                          f"{report.text_table(budget)}\n"
+                          "Lower train.micro_batch_size or data.seq_len, use train.gradient_checkpointing=full, more GPUs or "
+                          "an offload config (tools/memory_budget.py searches for what fits); train.memory_check=false tries anyway.")
 
 
 def build_optimizer(params: list, recipe: config.Recipe, ds: dict):
@@ -102,6 +118,8 @@ def build_scheduler(optimizer, recipe: config.Recipe):
 
 def token_loss_sum(engine, batch: dict) -> torch.Tensor:
     """Sum of next-token cross-entropies over the batch's target tokens (fp32)."""
+    if kernels.fused_loss_enabled(engine.module):  # computed chunk by chunk inside the model: no (B, T, V) logits
+        return engine(**data.model_inputs(batch), token_targets=batch["targets"]).loss
     logits = engine(**data.model_inputs(batch)).logits  # (B, T, V); packed batches pass position_ids instead of a mask
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
 
@@ -176,6 +194,7 @@ class Run:
     stop: checkpoint.StopFlag
     state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain (saved in checkpoints)
     hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
+    memory: dict | None = None  # the last live footprint (harness/memory/live.py)
 
 
 def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> Run:
@@ -230,10 +249,13 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         log.message(line)
     log.log({"data": stats.record()})
 
-    # Model. Under ZeRO-3 the HfDeepSpeedConfig must exist (and stay referenced: transformers holds
-    # only a weakref) before from_pretrained so weights are partitioned while loading.
+    # Model. Under ZeRO-3 the streamed loader (default) partitions layer by layer; from_pretrained
+    # (loader: hf) needs the HfDeepSpeedConfig to exist (and stay referenced: transformers holds only a
+    # weakref) before loading, and the streamed loader needs it absent while building its skeleton.
     stage = zero_stage(ds)
-    hf_ds_config = HfDeepSpeedConfig(ds) if stage == 3 else None
+    loader = recipe.model.loader if recipe.model.loader != "auto" else ("streamed" if stage == 3 else "hf")
+    hf_ds_config = HfDeepSpeedConfig(ds) if stage == 3 and loader == "hf" else None
+    load_t0 = time.perf_counter()
     attn = model_lib.choose_attn_implementation(recipe.model.attn_implementation, dist.device.type == "cuda", precision)
     model = model_lib.load_model(
         recipe.model.path,
@@ -249,13 +271,19 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         lora_dropout=recipe.lora.dropout,
         lora_targets=recipe.lora.target_modules,
         seed=t.seed,
+        loader=loader,
+        ds_config=ds,
     )
+    if stage == 3 and hf_ds_config is None:
+        hf_ds_config = HfDeepSpeedConfig(ds)  # from here on transformers knows it runs under ZeRO-3
+    patched = kernels.apply_kernels(model, recipe.kernels)  # inside module forwards, before ZeRO-3 wraps them
     n_layers = int(model_cfg["num_hidden_layers"])
     n_ckpt = model_lib.apply_gradient_checkpointing(model, t.gradient_checkpointing, t.checkpoint_every_k)
     counts = model_lib.count_parameters(model)
     log.message(
         f"model: {type(model).__name__} method={recipe.method} precision={precision} attn={attn} zero_stage={stage} "
-        f"checkpointed_layers={n_ckpt}/{n_layers} world_size={dist.world_size}"
+        f"checkpointed_layers={n_ckpt}/{n_layers} world_size={dist.world_size} kernels={patched or 'none'} "
+        f"loader={loader} ({time.perf_counter() - load_t0:.1f} s)"
     )
     log.message(counts.line())
 
@@ -303,6 +331,10 @@ def fit(run: Run) -> tuple[int, bool]:
         loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist)
         step_s = time.perf_counter() - t0
         state["tokens_seen"] += global_tokens
+        every = recipe.log.memory_every_steps
+        if every and (step == 1 or step % every == 0):  # after a full step: weights, grads and Adam state all exist
+            run.memory = live_memory.footprint(engine)
+            log.log({"step": step, "memory": live_memory.record(run.memory)})
         if step % recipe.log.every_steps == 0 or step == t.max_steps:
             record = {
                 "step": step,
@@ -380,10 +412,39 @@ def main(argv: list[str] | None = None) -> int:
         run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=run.dist.is_main, steps_trained=last_step
     )
     run.log.message(f"saved {out}")
+    if run.dist.is_main and run.memory is not None:
+        write_memory_report(run, last_step)
     run.log.close()
     distributed.shutdown()
     return 0
 
 
+def write_memory_report(run: Run, step: int) -> None:
+    """output_dir/memory_report.md: the pre-flight budget beside the last measured footprint."""
+    from harness import memory
+
+    on_cuda = run.dist.device.type == "cuda"
+    try:
+        budget = memory.budget_for_recipe(run.recipe, run.dist.world_size, torch.cuda.get_device_properties(0).total_memory
+                                          if on_cuda else None, device="cuda" if on_cuda else "cpu")
+    except (ValueError, KeyError) as e:  # an architecture the budget does not model: report the measurement alone
+        run.log.message(f"memory report without a budget: {e}")
+        budget = None
+    path = Path(run.recipe.output_dir) / "memory_report.md"
+    path.write_text(live_memory.report_markdown(run.memory, budget, step))
+    run.log.message(f"memory report: {path}")
+
+
+def write_exit_code(code: int) -> None:
+    """Rank 0 records its exit code in $HARNESS_EXIT_CODE_FILE when set. torchrun turns any worker's
+    non-zero exit into its own exit code 1, so a batch script under torchrun could not otherwise tell a
+    preemption (75: requeue) from a crash (slurm/launch.sh reads this file)."""
+    path = os.environ.get("HARNESS_EXIT_CODE_FILE")
+    if path and os.environ.get("RANK", "0") == "0":
+        checkpoint.atomic_write_text(Path(path), f"{code}\n")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    write_exit_code(exit_code)
+    sys.exit(exit_code)

@@ -128,3 +128,63 @@ def test_flops_per_token_counts_frozen_base_and_recompute():
     assert train_flops_per_token(trainable_matmul_params=10, full_finetune=False, **kw) == fwd + fwd + 20
     kw["recompute_fraction"] = 1.0
     assert train_flops_per_token(trainable_matmul_params=10, full_finetune=False, **kw) == 3 * fwd + 20
+
+
+def test_srun_one_task_per_gpu_ranks_come_from_slurm(monkeypatch):
+    import os
+
+    from harness import config, distributed
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert config.env_world_size() == 4  # validation before init sees the step's size
+    with pytest.raises(RuntimeError, match="MASTER_ADDR and MASTER_PORT is not set"):
+        distributed.launcher_env()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "23456")
+    distributed.launcher_env()
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("3", "1", "4")
+
+
+def test_a_single_task_step_is_a_world_of_one(monkeypatch):
+    import os
+
+    from harness import distributed
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    distributed.launcher_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+def test_exit_code_file_is_written_by_rank_0_only(monkeypatch, tmp_path):
+    from harness import train
+
+    target = tmp_path / "exit-123"
+    monkeypatch.setenv("HARNESS_EXIT_CODE_FILE", str(target))
+    monkeypatch.setenv("RANK", "1")
+    train.write_exit_code(75)
+    assert not target.exists()
+    monkeypatch.setenv("RANK", "0")
+    train.write_exit_code(75)
+    assert target.read_text() == "75\n"
+
+
+
+def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from harness import config, train
+
+    repo = Path(__file__).resolve().parent.parent
+    shutil.copy(repo / "harness" / "model_configs" / "llama-3.1-70b.json", tmp_path / "config.json")
+    recipe = config.load_recipe(str(repo / "harness" / "recipes" / "llama3_70b_qlora.yaml"), [f"model.path={tmp_path}"])
+    with pytest.raises(config.ConfigError, match=r"(?s)does not fit in 24.0 GiB per GPU.*frozen 4-bit weights.*DOES NOT FIT.*train.memory_check=false"):
+        train.check_memory_budget(recipe, 1, 24 * 2**30)  # 70B in 4 bits is ~37 GiB before anything else
+    train.check_memory_budget(recipe, 64, 80 * 2**30)  # the recipe's own 8 x 8 x 80 GB: fits, no error

@@ -82,3 +82,23 @@ def test_early_stopping_on_val_loss(tiny_llama, tmp_path):
     # evals at 0 (baseline), 2 (first best), 4 and 6 (no gain x2) -> stop after step 6
     assert steps[-1] == 6, steps
     assert "early stopping at step 6" in proc.stdout
+
+
+def test_live_memory_footprint_and_report(tiny_llama, tmp_path):
+    """ZeRO-3 QLoRA on one process: the footprint logged at step 1 and every 2 steps counts the LoRA
+    optimizer state exactly (fp32 master + Adam m + v = 12 bytes per trainable parameter), and
+    memory_report.md sets it beside the budget."""
+    run(tiny_llama, tmp_path, "log.memory_every_steps=2", "eval.every_steps=0")
+    mem = [r for r in read_metrics(tmp_path) if "memory" in r]
+    assert [r["step"] for r in mem] == [1, 2, 4]
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    trainable = sum(v.numel() for v in adapter.values())
+    optimizer_bytes = mem[-1]["memory"]["optimizer_mib"] * 2**20
+    assert abs(optimizer_bytes - 12 * trainable) <= 1024  # MiB logged to 1 KiB
+    assert mem[-1]["memory"]["parameters_mib"] > 0 and mem[-1]["memory"]["gradients_mib"] > 0
+    report = (tmp_path / "memory_report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "MiB" not in line}
+    assert set(rows) >= {"parameters", "gradients", "optimizer"}
+    for name in ("parameters", "optimizer"):  # predicted within 5% of measured for the resident states
+        diff = float(rows[name].split("|")[4].strip().rstrip("%"))
+        assert abs(diff) <= 5.0, report

@@ -312,7 +312,7 @@ def _build_model(config_dict: dict[str, Any], seed: int, dtype: str):
 def make_tiny_model(like: str, out_dir, layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 128, vocab_size: int = 512, seed: int = 0,
                     dtype: str = "float32", tie_embeddings: bool | None = None,
-                    init_std: float | None = None) -> Path:
+                    init_std: float | None = None, max_shard_size: str | None = None) -> Path:
     """Build and save a tiny model + tokenizer; returns the output directory.
 
     vocab_size is the *requested* BPE size; the model uses the tokenizer's
@@ -360,7 +360,8 @@ def make_tiny_model(like: str, out_dir, layers: int = 2, hidden: int = 64, heads
     progress_bar_was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
     try:
-        model.save_pretrained(out_path)  # safetensors is the default format in transformers 5
+        # safetensors is the default format in transformers 5
+        model.save_pretrained(out_path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     finally:
         if progress_bar_was_enabled:
             transformers_logging.enable_progress_bar()
@@ -393,12 +394,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="tie input/output embeddings (default: as in the --like config)")
     parser.add_argument("--init-std", type=float, default=None,
                         help="weight init std (default hidden**-0.5; the real configs use 0.02)")
+    parser.add_argument("--max-shard-size", default=None,
+                        help="split the weights into safetensors shards of at most this size (e.g. 500MB), with an index")
     args = parser.parse_args(argv)
     try:
         make_tiny_model(args.like, args.out, layers=args.layers, hidden=args.hidden, heads=args.heads,
                         kv_heads=args.kv_heads, intermediate=args.intermediate, vocab_size=args.vocab_size,
                         seed=args.seed, dtype=args.dtype, tie_embeddings=args.tie_embeddings,
-                        init_std=args.init_std)
+                        init_std=args.init_std, max_shard_size=args.max_shard_size)
     except (ValueError, FileNotFoundError) as error:  # UnknownModelError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2

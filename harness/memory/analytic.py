@@ -1,0 +1,313 @@
+"""Closed-form memory model for one training rank: shapes, recipe -> bytes per line item and per phase.
+
+Units: every `*_bytes` is bytes; element counts are `*_numel`. Notation in comments: s = seq_len,
+b = micro-batch, h = hidden, q = heads*head_dim, kv = kv_heads*head_dim, I = intermediate, V = vocab,
+L = layers, N = ZeRO world size, d = bytes of the compute dtype (2 for bf16, 4 for fp32).
+
+The activation terms follow what HF Llama/Qwen2 (transformers 5) saves for backward, per tensor (see
+the comments in `activation_profile`); `harness.memory.trace` measures the same quantities on the real
+model under FakeTensorMode and the two are compared in the tests and the report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIB = 2**30
+MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "model_configs"
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ATTN_BACKENDS = ("sdpa", "flash_attention_2", "eager")
+# bitsandbytes NF4 with double quantisation: 4 bits + u8 absmax per 64 + fp32 absmax per 64*256 (+ small).
+NF4_DQ_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+INT8_BYTES_PER_PARAM = 1.0 + 4 / 4096  # LLM.int8: int8 weight + fp32 row scale (rows of ~4k)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder (Llama, Mistral, Qwen2) read from a config.json."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tie_embeddings: bool
+    qkv_bias: bool
+
+    @staticmethod
+    def from_config(cfg: dict, name: str = "") -> "ModelShape":
+        try:
+            h = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            shape = ModelShape(
+                name=name or str(cfg.get("_name_or_path") or cfg.get("model_type", "model")),
+                hidden=h,
+                intermediate=int(cfg["intermediate_size"]),
+                layers=int(cfg["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or h // heads),
+                vocab=int(cfg["vocab_size"]),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            )
+        except KeyError as e:
+            raise ValueError(f"model config lacks {e.args[0]!r}: need a Llama-style decoder config.json") from None
+        if min(shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.vocab) <= 0:
+            raise ValueError(f"model config has a non-positive size: {shape}")
+        return shape
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each decoder-layer linear."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim), "o_proj": (self.q_dim, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_linear_numel(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes().values())
+
+    def layer_small_numel(self) -> int:
+        """Norm weights and q/k/v biases of one layer (never quantised; below ZeRO-3's persistence threshold)."""
+        return 2 * self.hidden + ((self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0)
+
+    def embed_numel(self) -> int:
+        return self.vocab * self.hidden
+
+    def head_numel(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab * self.hidden
+
+    def total_numel(self) -> int:
+        return self.layers * (self.layer_linear_numel() + self.layer_small_numel()) + self.embed_numel() + self.head_numel() + self.hidden
+
+
+def load_model_shape(spec: str) -> ModelShape:
+    """A config.json path, a model directory holding one, or a shipped name from harness/model_configs."""
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        shipped = MODEL_CONFIGS_DIR / f"{spec}.json"
+        if not shipped.is_file():
+            names = sorted(x.stem for x in MODEL_CONFIGS_DIR.glob("*.json"))
+            raise ValueError(f"model {spec!r}: not a config.json, a model directory or a shipped name ({', '.join(names)})")
+        p = shipped
+    return ModelShape.from_config(json.loads(p.read_text()), name=p.parent.name if p.name == "config.json" else p.stem)
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What the recipe and DeepSpeed config decide about memory. Sizes are elements unless named _bytes."""
+
+    method: str = "qlora"  # full | lora | qlora | int8
+    precision: str = "bf16"  # bf16 | fp16 | fp32 (model and compute dtype)
+    lora_r: int = 16
+    lora_targets: tuple | str = LINEAR_NAMES  # module names, or "all-linear"
+    lora_dropout: float = 0.0
+    micro_batch: int = 1
+    seq_len: int = 2048
+    checkpointing: str = "full"  # none | full | every_k
+    checkpoint_every_k: int = 2
+    attn: str = "sdpa"  # sdpa | flash_attention_2 | eager
+    packed: bool = False  # packing / padding: sdpa and eager then get a (b, 1, s, s) mask
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    reduce_bucket_numel: int = 500_000_000
+    prefetch_bucket_numel: int = 50_000_000
+    persistence_threshold_numel: int = 100_000
+    max_live_numel: int = 1_000_000_000
+    max_reuse_distance_numel: int = 1_000_000_000
+    grad_accum_dtype_bytes: int = 0  # 0 = the model dtype (DeepSpeed's default)
+    device: str = "cuda"  # cuda | cpu: cpu drops the CUDA context, communicator and allocator terms
+    loader: str = "streamed"  # streamed (harness/loading.py, ZeRO-3 default) | hf (from_pretrained)
+
+    def __post_init__(self):
+        checks = [
+            (self.method in ("full", "lora", "qlora", "int8"), f"method {self.method!r} must be full, lora, qlora or int8"),
+            (self.precision in DTYPE_BYTES, f"precision {self.precision!r} must be bf16, fp16 or fp32"),
+            (self.checkpointing in ("none", "full", "every_k"), f"checkpointing {self.checkpointing!r} must be none, full or every_k"),
+            (self.attn in ATTN_BACKENDS, f"attention backend {self.attn!r} must be one of {ATTN_BACKENDS}"),
+            (self.zero_stage in (0, 1, 2, 3), f"ZeRO stage {self.zero_stage} must be 0-3"),
+            (self.micro_batch >= 1 and self.seq_len >= 1, "micro_batch and seq_len must be >= 1"),
+            (self.device in ("cuda", "cpu"), f"device {self.device!r} must be cuda or cpu"),
+            (self.method == "full" or self.lora_r >= 1, "LoRA rank must be >= 1"),
+            (self.checkpointing != "every_k" or self.checkpoint_every_k >= 1, "checkpoint_every_k must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.precision]
+
+    @property
+    def peft(self) -> bool:
+        return self.method != "full"
+
+    def checkpointed_layers(self, layers: int) -> int:
+        if self.checkpointing == "none":
+            return 0
+        if self.checkpointing == "full":
+            return layers
+        return len(range(0, layers, self.checkpoint_every_k))
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_memory_bytes: int = 80 * 10**9
+    host_ram_bytes: int = 1024 * GIB
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("nodes and gpus_per_node must be >= 1")
+        if self.gpu_memory_bytes <= 0 or self.host_ram_bytes <= 0:
+            raise ValueError("gpu and host memory must be > 0 bytes")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Activation-side bytes as affine functions of the layer count: value(L) = base + per_layer * L.
+
+    saved: kept for backward at the end of forward (after the loss); fwd_peak / bwd_peak: the highest
+    activation-side total reached inside forward / backward (backward excludes weight gradients, which
+    the ZeRO model accounts for)."""
+
+    engine: str
+    saved_base_bytes: float
+    saved_per_layer_bytes: float
+    fwd_peak_base_bytes: float
+    fwd_peak_per_layer_bytes: float
+    bwd_peak_base_bytes: float
+    bwd_peak_per_layer_bytes: float
+    layer_full_bytes: float = 0.0  # one layer's activations without checkpointing (for the report)
+
+    def saved(self, layers: int) -> float:
+        return self.saved_base_bytes + self.saved_per_layer_bytes * layers
+
+    def fwd_peak(self, layers: int) -> float:
+        return self.fwd_peak_base_bytes + self.fwd_peak_per_layer_bytes * layers
+
+    def bwd_peak(self, layers: int) -> float:
+        return self.bwd_peak_base_bytes + self.bwd_peak_per_layer_bytes * layers
+
+
+def lora_targets(setup: TrainSetup) -> tuple:
+    """The adapted linear names (all-linear = every decoder-layer linear; peft skips lm_head)."""
+    return LINEAR_NAMES if setup.lora_targets in ("all-linear", ("all-linear",)) else tuple(setup.lora_targets)
+
+
+def _norm_saved_bytes(m: ModelShape, t: TrainSetup, *, output_saved: bool) -> float:
+    """One HF RMSNorm (eager; upcasts to fp32): the fp32 input (4 s b h; in fp32 runs the residual
+    itself), rstd (4 s b), x*rstd in the model dtype when the norm weight trains (the multiply saves it
+    for the weight gradient), and the output when the next linear saves its input."""
+    s_b = t.seq_len * t.micro_batch
+    d, h = t.dtype_bytes, m.hidden
+    return s_b * (4 * h + 4 + (d * h if not t.peft else 0) + (d * h if output_saved else 0))
+
+
+def _mask_per_layer_bytes(t: TrainSetup, *, cpu_sdpa: bool) -> float:
+    """Packed rows give sdpa a block-diagonal mask, and CPU sdpa a causal one; each layer saves its own
+    model-dtype copy: (b, 1, s, s) when packed, (1, 1, s, s) for the plain causal mask."""
+    if t.attn == "sdpa" and t.packed:
+        return t.dtype_bytes * t.micro_batch * t.seq_len * t.seq_len
+    if cpu_sdpa:
+        return t.dtype_bytes * t.seq_len * t.seq_len
+    return 0.0
+
+
+def layer_saved_bytes(m: ModelShape, t: TrainSetup, *, cpu_sdpa: bool) -> float:
+    """Bytes one decoder layer saves for backward without checkpointing (HF Llama/Qwen2 code paths)."""
+    s_b = t.seq_len * t.micro_batch
+    d = t.dtype_bytes
+    q, kv, i = m.q_dim, m.kv_dim, m.intermediate
+    targets = set(lora_targets(t)) if t.peft else set(LINEAR_NAMES)
+    norms = (_norm_saved_bytes(m, t, output_saved=bool(targets & {"q_proj", "k_proj", "v_proj"}))
+             + _norm_saved_bytes(m, t, output_saved=bool(targets & {"gate_proj", "up_proj"})))
+    # Attention: q after RoPE, K and V, output O (o_proj's input is a view of it), fp32 logsumexp.
+    # CPU sdpa, masked sdpa and eager run repeat_kv first, so K and V are saved at q width.
+    kv_saved = q if (cpu_sdpa or (t.attn == "sdpa" and t.packed) or t.attn == "eager") else kv
+    attn = d * s_b * (2 * q + 2 * kv_saved) + 4 * m.heads * s_b + _mask_per_layer_bytes(t, cpu_sdpa=cpu_sdpa)
+    if t.attn == "eager":  # fp32 softmax output + its cast copy: 6 a s^2 b
+        attn += 6 * m.heads * t.seq_len * s_b
+    # SwiGLU MLP: gate output (saved by silu and mul), silu output, up output, their product (down's input).
+    mlp = d * s_b * i * (3 + (1 if "down_proj" in targets else 0))
+    lora = 0
+    if t.peft:
+        # Each adapted linear saves its A output (s b r) for B's weight gradient.
+        lora = d * s_b * t.lora_r * len(targets & set(LINEAR_NAMES))
+        if t.lora_dropout > 0:  # peft keeps a dropped copy of the input per adapted module (+ a mask)
+            lora += sum((d + 1) * s_b * m.linear_shapes()[n][0] for n in targets if n in LINEAR_NAMES)
+    return norms + attn + mlp + lora
+
+
+def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
+    """Closed-form ActivationProfile for HF Llama-style models under this recipe."""
+    s_b = t.seq_len * t.micro_batch
+    d = t.dtype_bytes
+    h, v = m.hidden, m.vocab
+    cpu_sdpa = t.device == "cpu" and t.attn == "sdpa"
+    layer = layer_saved_bytes(m, t, cpu_sdpa=cpu_sdpa)
+    # Shared by every layer: RoPE cos/sin in the model dtype (b, 1, s, head_dim) x 2; with checkpointing
+    # the boolean packed mask (b, 1, s, s) passed to each checkpointed layer.
+    rope = 2 * d * t.seq_len * t.micro_batch * m.head_dim
+    ckpt_mask = 0
+    if t.checkpointing != "none" and t.attn == "sdpa" and (t.packed or cpu_sdpa):
+        ckpt_mask = (t.micro_batch if t.packed else 1) * t.seq_len * t.seq_len
+    # Final norm (its output is saved only when lm_head trains) and log_softmax's fp32 output (4 s b V).
+    final_norm = _norm_saved_bytes(m, t, output_saved=not t.peft)
+    logsm = 4 * s_b * v
+    saved_base = rope + ckpt_mask + final_norm + logsm
+    # Loss transient in forward: the model-dtype logits and their fp32 copy (none in fp32) beside the
+    # log_softmax output.
+    fwd_head_extra = (d + (4 if d != 4 else 0)) * s_b * v
+    # Backward of the head: grads of log_softmax's output and input (4 + 4 s b V) beside the saved output
+    # (the model-dtype grad of the logits comes after the fp32 ones are freed).
+    bwd_head_extra = 8 * s_b * v
+    i_bytes = d * s_b * m.intermediate
+    if t.checkpointing == "none":
+        saved_per_layer = layer
+        fwd_layer_extra = 2 * d * s_b * h
+        recompute = 0.0
+    else:
+        # Checkpointed layers keep only their input hidden state (d s b h); every_k keeps the others whole.
+        frac = t.checkpointed_layers(m.layers) / m.layers
+        saved_per_layer = frac * d * s_b * h + (1 - frac) * layer
+        # A checkpointed layer's forward still holds MLP-wide tensors at once: silu(gate) and up; with
+        # peft also each projection's base output beside base + LoRA (traced: ~3.6 of them, 3.5 + h).
+        fwd_layer_extra = (3.5 * i_bytes + d * s_b * h) if t.peft else 2 * i_bytes
+        recompute = layer
+    # Backward of a layer: (its recomputed activations) + two MLP-wide gradients, after the head's
+    # tensors (final norm, log_softmax output) are gone.
+    bwd_layer_phase = saved_base - final_norm - logsm + recompute + 2 * i_bytes
+    bwd_head = saved_base + bwd_head_extra
+    return ActivationProfile(
+        engine="analytic",
+        saved_base_bytes=saved_base,
+        saved_per_layer_bytes=saved_per_layer,
+        fwd_peak_base_bytes=saved_base + max(fwd_head_extra, fwd_layer_extra),
+        fwd_peak_per_layer_bytes=saved_per_layer,
+        bwd_peak_base_bytes=max(bwd_head, bwd_layer_phase),
+        bwd_peak_per_layer_bytes=saved_per_layer,
+        layer_full_bytes=layer,
+    )

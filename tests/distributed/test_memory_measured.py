@@ -1,0 +1,159 @@
+"""Predicted peak memory per rank against the peak measured in real training runs (CPU, gloo).
+
+Each configuration runs the real entry-point code path under tests/distributed/memory_probe.py, which
+counts live tensor storages over the whole run (DeepSpeed's flat buffers included) without touching
+harness/memory. The budget for the same recipe, world size and device (CPU: no CUDA context, allocator
+or communicator terms) must be within TOLERANCE of the measured peak on every rank and must never say
+"fits" for a device smaller than the measured peak.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/distributed/test_memory_measured.py -q
+    .venv/bin/python tests/distributed/test_memory_measured.py   # prints the table for every configuration
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.helpers import REPO, launch  # noqa: E402
+
+PROBE = str(REPO / "tests" / "distributed" / "memory_probe.py")
+TOLERANCE = 0.05  # acceptance: predicted peak within 5% of measured (goal 3%)
+
+# Tiny shapes where activations and states are both meaningful but a run stays well under 30 s.
+TINY = dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, vocab_size=512)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    like: str  # shipped architecture the tiny model is shaped like
+    method: str
+    zero: int
+    nproc: int
+    seq_len: int
+    checkpointing: str
+    micro_batch: int = 4
+
+
+# 8 configurations covering: full / LoRA / QLoRA, ZeRO-0 on one process, ZeRO-3 on 1 and 2 ranks,
+# checkpointing none / full, seq_len 256 / 512, Llama and Qwen2 shapes. (The whole file runs in ~2.5 min
+# of 2 idle cores; llama-full-z0-s256-full also passed, +2.0%, and was dropped to stay in budget.)
+CASES = [
+    Case("llama-full-z0-s512-none", "llama-3.1-8b", "full", 0, 1, 512, "none"),
+    Case("llama-qlora-z0-s512-none", "llama-3.1-8b", "qlora", 0, 1, 512, "none"),
+    Case("llama-full-z3-1r-s512-full", "llama-3.1-8b", "full", 3, 1, 512, "full"),
+    Case("llama-full-z3-2r-s256-none", "llama-3.1-8b", "full", 3, 2, 256, "none"),
+    Case("llama-qlora-z3-2r-s512-full", "llama-3.1-8b", "qlora", 3, 2, 512, "full"),
+    Case("qwen-full-z3-2r-s512-full", "qwen2.5-7b", "full", 3, 2, 512, "full"),
+    Case("qwen-qlora-z3-1r-s256-none", "qwen2.5-7b", "qlora", 3, 1, 256, "none"),
+    Case("qwen-lora-z0-s512-full", "qwen2.5-7b", "lora", 0, 1, 512, "full"),
+]
+
+
+def make_model(like: str, root: Path) -> Path:
+    out = root / f"tiny-{like}"
+    if not (out / "config.json").exists():
+        sys.path.insert(0, str(REPO / "tools"))
+        from make_tiny_model import make_tiny_model
+
+        make_tiny_model(like, out, **TINY)
+    return out
+
+
+def write_recipe(case: Case, model_dir: Path, root: Path) -> Path:
+    recipe = root / f"{case.name}.yaml"
+    recipe.write_text(
+        f"""model:
+  path: {model_dir}
+method: {case.method}
+lora: {{r: 8, alpha: 16, dropout: 0.0}}
+data:
+  sources: [{{path: {REPO}/harness/assets/tiny_instruct_val.jsonl, format: alpaca}}]  # 200 samples: enough packed rows
+  packing: true
+  cache_dir: {root}/data_cache
+  seq_len: {case.seq_len}
+train:
+  micro_batch_size: {case.micro_batch}
+  global_batch_size: {case.micro_batch * case.nproc}
+  max_steps: 2
+  warmup_steps: 1
+  gradient_checkpointing: {case.checkpointing}
+eval: {{every_steps: 0}}
+log: {{progress_bar: false}}
+deepspeed: {{config: {REPO}/ds_configs/zero{case.zero}.json}}
+output_dir: {root}/out-{case.name}
+"""
+    )
+    return recipe
+
+
+def measure(case: Case, root: Path) -> dict:
+    model_dir = make_model(case.like, root)
+    recipe = write_recipe(case, model_dir, root)
+    out = root / f"{case.name}.json"
+    launch([str(out), "--config", str(recipe)], nproc=case.nproc, timeout_s=240, script=PROBE)
+    return {"recipe": str(recipe), "ranks": json.loads(out.read_text())["ranks"]}
+
+
+def predict(case: Case, recipe_path: str, data_bytes: int, engine: str, device_memory_bytes: int | None = None):
+    from harness.config import load_recipe
+    from harness.memory import budget_for_recipe
+
+    recipe = load_recipe(recipe_path)
+    return budget_for_recipe(recipe, world_size=case.nproc, device_memory_bytes=device_memory_bytes, device="cpu",
+                             engine=engine, host_data_bytes=data_bytes)
+
+
+def compare(case: Case, root: Path, engines=("analytic", "trace")) -> list[dict]:
+    measured = measure(case, root)
+    rows = []
+    for r in measured["ranks"]:
+        for engine in engines:
+            budget = predict(case, measured["recipe"], r["data_bytes"], engine)
+            # A device one byte smaller than the measured peak cannot hold the run: the verdict must say so.
+            verdict = predict(case, measured["recipe"], r["data_bytes"], engine, device_memory_bytes=r["peak_bytes"] - 1)
+            rows.append({"case": case.name, "rank": r["rank"], "engine": engine, "predicted_bytes": budget.peak_bytes,
+                         "measured_bytes": r["peak_bytes"], "error": (budget.peak_bytes - r["peak_bytes"]) / r["peak_bytes"],
+                         "false_fits": bool(verdict.fits), "predicted_phase": budget.peak_phase,
+                         "measured_phases": r["phase_peak_bytes"], "predicted_phases": budget.phase_bytes})
+    return rows
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_predicted_peak_matches_measured(case: Case, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "memory_measured"
+    root.mkdir(exist_ok=True)
+    for row in compare(case, root):
+        assert abs(row["error"]) <= TOLERANCE, row
+        assert not row["false_fits"], row
+
+
+def main() -> int:
+    import tempfile
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="memory_measured_"))
+    root.mkdir(parents=True, exist_ok=True)
+    names = set(sys.argv[2:])
+    all_rows = []
+    for case in CASES:
+        if names and case.name not in names:
+            continue
+        rows = compare(case, root)
+        all_rows += rows
+        for row in rows:
+            print(f"{row['case']:28s} rank {row['rank']} {row['engine']:8s} predicted {row['predicted_bytes'] / 2**20:9.2f} MiB  measured "
+                  f"{row['measured_bytes'] / 2**20:9.2f} MiB  error {100 * row['error']:+6.2f}%  false fits {row['false_fits']}  ({row['predicted_phase']})", flush=True)
+    (root / "results.json").write_text(json.dumps(all_rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+#!/bin/bash
+# shellcheck shell=bash
+# Start a real one-node Slurm cluster on this machine (as root) for the template tests: installs
+# Debian's slurmctld/slurmd/munge when missing, writes slurm.conf for this host's cores and memory,
+# starts munged, slurmctld and slurmd, and waits until the node is idle. Idempotent: a running
+# cluster is left as it is. Usage: bash tests/slurm/start_cluster.sh
+set -euo pipefail
+
+if [ "$(id -u)" != 0 ]; then
+  echo "start_cluster: needs root (installs packages, starts daemons)" >&2
+  exit 3
+fi
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then
+  echo "start_cluster: installing slurmctld slurmd slurm-client munge"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null; }
+fi
+
+if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+  echo "start_cluster: already running: $(sinfo -h -o '%N %T %c CPUs')"
+  exit 0
+fi
+
+host=$(hostname -s)
+cpus=$(nproc)
+mem_mb=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) * 85 / 100 / 1024 ))
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
+cat > /etc/slurm/slurm.conf <<CONF
+ClusterName=harness-test
+SlurmctldHost=${host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+MpiDefault=none
+KillWait=30
+JobRequeue=1
+NodeName=${host} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+
+if [ ! -s /etc/munge/munge.key ]; then
+  mkdir -p /etc/munge
+  dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null
+fi
+chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
+chmod 400 /etc/munge/munge.key
+pgrep -x munged >/dev/null || su -s /bin/sh munge -c "munged --force" || munged --force
+pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmd >/dev/null || slurmd
+
+for _ in $(seq 1 60); do
+  if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed)'; then
+    echo "start_cluster: ready: $(sinfo -h -o '%N %T %c CPUs %m MB')"
+    exit 0
+  fi
+  sleep 1
+done
+echo "start_cluster: the node did not become idle; sinfo says: $(sinfo 2>&1 | tail -n +2)" >&2
+tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+exit 1

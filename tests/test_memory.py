@@ -1,0 +1,221 @@
+"""Unit tests of harness/memory (analytic and trace engines, budget composition, report, CLI).
+
+The accuracy against real runs is tests/distributed/test_memory_measured.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+
+from harness.memory import Budget, Cluster, ModelShape, TrainSetup, activation_profile, budget_for_recipe, compose, load_model_shape
+from harness.memory.analytic import GIB, MODEL_CONFIGS_DIR, NF4_DQ_BYTES_PER_PARAM
+from harness.memory.budget import SAFETY_MARGIN
+from tests.helpers import REPO
+
+SHIPPED = ["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-72b"]
+
+
+def _cfg(name: str) -> dict:
+    return json.loads((MODEL_CONFIGS_DIR / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b"])
+def test_parameter_count_matches_the_hf_model(name):
+    """The closed-form parameter count is the one transformers builds (meta device, no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = _cfg(name)
+    hf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    assert load_model_shape(name).total_numel() == sum(p.numel() for p in model.parameters())
+
+
+def test_nf4_bytes_per_param_matches_bitsandbytes():
+    """0.516 B/param = packed 4-bit + u8 absmax per 64 + fp32 second-level absmax per 256 blocks."""
+    import torch
+
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    w = torch.randn(1024, 1024)
+    packed, state = bnb_f.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    total = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    total += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.state2.code.numel() * 4
+    per_param = total / w.numel()
+    # the 256-entry fp32 code book is per tensor: negligible for real weights, 1 kB here
+    assert per_param == pytest.approx(NF4_DQ_BYTES_PER_PARAM, rel=0.01)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("seq_len", [2048, 8192])
+def test_engines_agree_on_activations(name, seq_len):
+    """Closed forms and the traced real model (full width, 1-2 layers, FakeTensorMode) within 3%."""
+    from harness.memory.trace import trace_profile
+
+    shape = ModelShape.from_config(_cfg(name))
+    for method, ckpt in (("qlora", "full"), ("qlora", "none"), ("full", "none")):
+        setup = TrainSetup(method=method, precision="bf16", seq_len=seq_len, micro_batch=1, checkpointing=ckpt, device="cpu", attn="sdpa")
+        a, t = activation_profile(shape, setup), trace_profile(_cfg(name), setup)
+        L = shape.layers
+        for what in ("saved", "fwd_peak", "bwd_peak"):
+            x, y = getattr(a, what)(L), getattr(t, what)(L)
+            assert abs(x - y) <= 0.03 * y, (name, seq_len, method, ckpt, what, x / GIB, y / GIB)
+
+
+def test_trace_engine_70b_under_60_s():
+    from harness.memory.trace import trace_profile
+
+    setup = TrainSetup(method="qlora", seq_len=8192, checkpointing="full", device="cpu")
+    t0 = time.perf_counter()
+    prof = trace_profile(_cfg("llama-3.1-70b"), setup)
+    assert time.perf_counter() - t0 < 60
+    # full checkpointing keeps one bf16 hidden state per layer: 2 s b h bytes
+    assert prof.saved_per_layer_bytes == pytest.approx(2 * 8192 * 8192, rel=1e-6)
+
+
+def test_analytic_70b_budget_under_2_s():
+    shape = load_model_shape("llama-3.1-70b")
+    cluster = Cluster(nodes=8, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+    t0 = time.perf_counter()
+    b = compose(shape, TrainSetup(method="qlora", seq_len=2048), cluster.world_size, cluster=cluster)
+    assert time.perf_counter() - t0 < 2
+    assert isinstance(b, Budget) and b.fits is not None and b.peak_phase in b.phase_bytes
+
+
+def test_zero3_partitions_states_and_stage0_does_not():
+    shape = load_model_shape("llama-3.1-8b")
+    full3 = TrainSetup(method="full", zero_stage=3, checkpointing="full")
+
+    def states(setup, n):
+        b = compose(shape, setup, n)
+        return sum(ln.bytes for ln in b.lines if ln.category in ("params", "grads", "optimizer") and "step" in ln.phases
+                   and "temporar" not in ln.name)
+
+    assert states(full3, 2) == pytest.approx(2 * states(full3, 4), rel=1e-9)
+    full0 = dataclasses.replace(full3, zero_stage=0)
+    assert states(full0, 2) == pytest.approx(states(full0, 4), rel=1e-9)
+    # mixed-precision Adam with DeepSpeed's extra fp32 step gradient: 2 + 2 + 12 (+4 in the step) B/param
+    assert states(full3, 1) == pytest.approx(20 * shape.total_numel(), rel=1e-9)
+
+
+def test_device_terms():
+    shape = load_model_shape("llama-3.1-8b")
+    cpu = compose(shape, TrainSetup(device="cpu"), 2)
+    cuda = compose(shape, TrainSetup(device="cuda"), 2)
+    assert not [ln for ln in cpu.lines if "CUDA" in ln.name or "NCCL" in ln.name]
+    assert [ln for ln in cuda.lines if "CUDA" in ln.name] and [ln for ln in cuda.lines if "NCCL" in ln.name]
+    assert cuda.peak_bytes > cpu.peak_bytes
+
+
+def test_checkpointing_and_micro_batch_move_the_peak_the_right_way():
+    shape = load_model_shape("llama-3.1-8b")
+    base = TrainSetup(method="qlora", seq_len=4096, checkpointing="none", zero_stage=3)
+    none = compose(shape, base, 8).phase_bytes["backward"]
+    k2 = compose(shape, dataclasses.replace(base, checkpointing="every_k", checkpoint_every_k=2), 8).phase_bytes["backward"]
+    full = compose(shape, dataclasses.replace(base, checkpointing="full"), 8).phase_bytes["backward"]
+    assert none > k2 > full
+    assert compose(shape, dataclasses.replace(base, micro_batch=2), 8).phase_bytes["forward"] > compose(shape, base, 8).phase_bytes["forward"]
+
+
+def test_search_finds_changes_that_fit():
+    from harness.memory.report import search_fit
+
+    shape = load_model_shape("llama-3.1-70b")
+    setup = TrainSetup(method="qlora", seq_len=8192, checkpointing="none", zero_stage=3)
+    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+    assert not compose(shape, setup, 8, cluster=cluster).fits
+    found = search_fit(shape, setup, cluster)
+    policy = found["cheapest_checkpointing"]
+    assert policy is not None
+    fixed = dataclasses.replace(setup, checkpointing=policy.split()[0], checkpoint_every_k=int(policy[-2]) if "k=" in policy else 2)
+    assert compose(shape, fixed, 8, cluster=cluster).fits
+
+
+def test_deepspeed_estimate_is_its_model_states_formula():
+    pytest.importorskip("deepspeed")
+    from harness.memory.report import deepspeed_estimate
+
+    shape = load_model_shape("llama-3.1-70b")
+    cluster = Cluster(nodes=8, gpus_per_node=8)
+    ds = deepspeed_estimate(shape, TrainSetup(offload_optimizer=False, offload_param=False), cluster)
+    # stage3.py: gpu_mem = 4 * largest_layer + 18 * total / gpus (no offload)
+    assert ds["gpu_bytes_per_rank"] == int(4 * ds["largest_layer_params"] + int(18 * shape.total_numel() / 64))
+
+
+@pytest.mark.parametrize("bad", [dict(method="dora"), dict(checkpointing="some"), dict(zero_stage=4), dict(micro_batch=0), dict(attn="xformers"),
+                                 dict(device="tpu"), dict(precision="int4")])
+def test_bad_setup_is_a_value_error(bad):
+    with pytest.raises(ValueError):
+        TrainSetup(**bad)
+
+
+def test_bad_model_and_cluster_are_value_errors():
+    with pytest.raises(ValueError, match="shipped name"):
+        load_model_shape("no-such-model")
+    with pytest.raises(ValueError, match="hidden_size"):
+        ModelShape.from_config({"vocab_size": 10})
+    with pytest.raises(ValueError):
+        Cluster(nodes=0)
+    with pytest.raises(ValueError):
+        compose(load_model_shape("llama-3.1-8b"), TrainSetup(), 0)
+
+
+def test_budget_for_recipe(tmp_path):
+    from harness.config import load_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(_cfg("llama-3.1-8b")))
+    recipe = load_recipe(str(REPO / "harness/recipes/llama3_8b_qlora.yaml"), [f"model.path={tmp_path}"])
+    b = budget_for_recipe(recipe, world_size=8, device_memory_bytes=80 * GIB)
+    assert b.fits is True and b.world_size == 8 and b.safety_margin == SAFETY_MARGIN
+    tiny = budget_for_recipe(recipe, world_size=8, device_memory_bytes=1 * GIB)
+    assert tiny.fits is False and tiny.headroom_bytes < 0
+
+
+def test_cli_outputs_and_exit_codes(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import memory_budget
+
+    out_json = tmp_path / "b.json"
+    rc = memory_budget.main(["--model", "llama-3.1-70b", "--method", "qlora", "--seq-len", "2048", "--micro-batch", "1", "--checkpointing", "full",
+                             "--zero-stage", "3", "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gib", "80", "--markdown",
+                             "--json", str(out_json), "--no-deepspeed"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "| phase | GiB |" in text and "FITS" in text
+    data = json.loads(out_json.read_text())
+    assert data["peak_bytes"] == max(data["phase_bytes"].values()) and data["setup"]["zero_stage"] == 3
+    # 8B full fine-tuning without ZeRO on one 24 GiB GPU does not fit: exit 1
+    assert memory_budget.main(["--model", "llama-3.1-8b", "--method", "full", "--zero-stage", "0", "--nodes", "1", "--gpus-per-node", "1",
+                               "--gpu-memory-gib", "24", "--no-deepspeed", "--no-search"]) == 1
+    assert memory_budget.main(["--model", "llama-3.1-8b", "--nodes", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import memory_budget
+
+    png = tmp_path / "b.png"
+    assert memory_budget.main(["--model", "llama-3.1-8b", "--plot", str(png), "--no-deepspeed", "--no-search"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("variant", [dict(checkpointing="every_k", checkpoint_every_k=2), dict(checkpointing="none", lora_dropout=0.05)])
+def test_engines_agree_on_every_k_and_lora_dropout(variant):
+    """every_k checkpointing is exact; LoRA dropout's copies are modelled within 3% (analytic above)."""
+    from harness.memory.trace import trace_profile
+
+    shape = ModelShape.from_config(_cfg("llama-3.1-8b"))
+    setup = TrainSetup(method="qlora", seq_len=2048, device="cpu", **variant)
+    a, t = activation_profile(shape, setup), trace_profile(_cfg("llama-3.1-8b"), setup)
+    for what in ("saved", "fwd_peak", "bwd_peak"):
+        x, y = getattr(a, what)(shape.layers), getattr(t, what)(shape.layers)
+        assert 0 <= x - y <= 0.03 * y if setup.lora_dropout else abs(x - y) <= 0.001 * y, (variant, what, x, y)
