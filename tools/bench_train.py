@@ -10,6 +10,11 @@ thread each):
 
     python tools/bench_train.py                    # qlora, hidden 128, 4 layers, 30 steps
     python tools/bench_train.py --method lora --steps 50 --json /tmp/bench.json
+    python tools/bench_train.py --gpu-8b           # one GPU: Llama-3.1-8B shape (random weights), QLoRA r=16
+                                                   # all-linear, seq 4096, with harness+kernels and hf+liger runs
+
+Extra runs: --kernels adds "harness+k" (the harness with kernels=all), --liger adds "hf+liger" (the
+baseline patched by Liger-Kernel; GPU only). Each is compared with the plain "hf" run.
 
 Throughput = non-padding input tokens summed over ranks / optimizer-step wall time on rank 0, taken as
 total tokens / total step time over the steps after the first --warmup-steps (not a median of per-step
@@ -56,10 +61,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=None, help="model, run outputs and logs (default: a new /tmp dir)")
     p.add_argument("--timeout-s", type=int, default=1800, help="per run (default 1800)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    p.add_argument("--nproc", type=int, default=2, help="ranks per run (default 2; one per GPU)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (default: make_tiny_model's)")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: make_tiny_model's)")
+    p.add_argument("--model-vocab-size", type=int, default=None, help="embedding/head rows, e.g. 128256 (default: the tokenizer's)")
+    p.add_argument("--kernels", action="store_true", help="add a harness run with kernels=all")
+    p.add_argument("--liger", action="store_true", help="add an HF baseline run patched by Liger-Kernel (GPU)")
+    p.add_argument("--gpu-8b", action="store_true",
+                   help="preset for one GPU: Llama-3.1-8B shape (32 x 4096, MLP 14336, 32/8 heads, vocab 128256), qlora, "
+                        "seq_len 4096, micro-batch 1, global batch 8, full checkpointing, --kernels --liger, 20 steps")
     p.add_argument("--harness-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for the harness run only, e.g. data.packing=true (repeatable); "
                         "the HF baseline always uses plain padded batches, as HF's collators do")
     args = p.parse_args(argv)
+    if args.gpu_8b:
+        args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads = 4096, 32, 14336, 32, 8
+        args.model_vocab_size, args.seq_len, args.method, args.nproc = 128256, 4096, "qlora", 1
+        args.kernels = args.liger = True
+        args.steps = 20 if args.steps == 30 else args.steps
+        args.harness_set = ["train.micro_batch_size=1", "train.global_batch_size=8", "train.gradient_checkpointing=full",
+                            "lora.r=16", "lora.target_modules=all-linear", *args.harness_set]
     if args.steps <= args.warmup_steps:
         p.error(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
     return args
@@ -120,10 +141,10 @@ def end_process_group(proc: subprocess.Popen) -> None:
 
 
 def launch(name: str, script: str, script_args: list[str], log_dir: Path, metrics_path: Path,
-           steps: int, timeout_s: int) -> dict:
-    """Run `script` on 2 ranks under the deepspeed launcher; print progress from its metrics file.
+           steps: int, timeout_s: int, nproc: int = 2) -> dict:
+    """Run `script` on `nproc` ranks under the deepspeed launcher; print progress from its metrics file.
     Returns {"rc", "wall_s", "stdout", "stderr", "load_before"}."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()),
            script, *script_args]
     stdout_path, stderr_path = log_dir / f"{name}.stdout.log", log_dir / f"{name}.stderr.log"
     load_before = os.getloadavg()[0]
@@ -169,13 +190,14 @@ def harness_steps(records: list[dict]) -> list[dict]:
         if "loss" not in r:  # validation records
             continue
         rows.append({"step": r["step"], "loss": r["loss"], "lr": r.get("lr"), "step_s": r["step_s"],
-                     "interval_s": r["elapsed_s"] - prev_elapsed, "tokens": r["tokens_seen"] - prev_tokens})
+                     "interval_s": r["elapsed_s"] - prev_elapsed, "tokens": r["tokens_seen"] - prev_tokens,
+                     "peak_allocated_gib": r.get("peak_allocated_gib")})
         prev_tokens, prev_elapsed = r["tokens_seen"], r["elapsed_s"]
     return rows
 
 
 def baseline_steps(records: list[dict]) -> list[dict]:
-    return [{k: r[k] for k in ("step", "loss", "lr", "step_s", "interval_s", "tokens")} for r in records]
+    return [{k: r.get(k) for k in ("step", "loss", "lr", "step_s", "interval_s", "tokens", "peak_allocated_gib")} for r in records]
 
 
 def summarize(rows: list[dict], warmup_steps: int, wall_s: float) -> dict:
@@ -190,19 +212,20 @@ def summarize(rows: list[dict], warmup_steps: int, wall_s: float) -> dict:
         "mean_tokens_per_step": tokens / len(measured),
         "final_loss": rows[-1]["loss"],
         "wall_s": wall_s,
+        "peak_allocated_gib": max((r["peak_allocated_gib"] for r in rows if r.get("peak_allocated_gib") is not None), default=None),
     }
 
 
 def print_table(method: str, warmup_steps: int, summaries: dict) -> None:
     header = (f"{'framework':<9} {'method':<6} {'steps':>5} {'median step s':>13} {'tokens/s':>9} "
-              f"{'loop tok/s':>10} {'tokens/step':>11} {'final loss':>10} {'wall s':>7}")
+              f"{'loop tok/s':>10} {'tokens/step':>11} {'final loss':>10} {'wall s':>7} {'peak GiB':>8}")
     print()
     print(header)
     print("-" * len(header))
     for name, s in summaries.items():
         print(f"{name:<9} {method:<6} {s['steps']:>5} {s['median_step_s']:>13.3f} {s['tokens_per_s']:>9.0f} "
               f"{s['loop_tokens_per_s']:>10.0f} {s['mean_tokens_per_step']:>11.1f} {s['final_loss']:>10.4f} "
-              f"{s['wall_s']:>7.1f}")
+              f"{s['wall_s']:>7.1f} {s['peak_allocated_gib'] if s['peak_allocated_gib'] is None else round(s['peak_allocated_gib'], 2)!s:>8}")
     print(f"(figures over steps {warmup_steps + 1}..{next(iter(summaries.values()))['steps']}; tokens/s = total "
           f"non-pad input tokens over both ranks / total step time; wall s = whole launcher run incl. start-up)")
 
@@ -216,10 +239,14 @@ def main(argv: list[str] | None = None) -> int:
 
     progress(f"work dir {work}")
     progress(f"making a tiny model like {args.like}: hidden {args.hidden}, {args.layers} layers, MLP {intermediate}")
-    made = subprocess.run(
-        [sys.executable, "tools/make_tiny_model.py", "--like", args.like, "--out", str(model_dir),
-         "--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(intermediate)],
-        cwd=REPO, env=bench_env(), capture_output=True, text=True)
+    shape = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(intermediate)]
+    for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads), ("--model-vocab-size", args.model_vocab_size)):
+        if value is not None:
+            shape += [flag, str(value)]
+    if args.gpu_8b:
+        shape += ["--dtype", "bfloat16", "--max-shard-size", "5GB"]
+    made = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--like", args.like, "--out", str(model_dir), *shape],
+                          cwd=REPO, env=bench_env(), capture_output=True, text=True)
     if made.returncode != 0:
         print(f"make_tiny_model.py failed (exit {made.returncode}):\n{made.stderr[-4000:]}", file=sys.stderr)
         return 1
@@ -234,14 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict = {}
     # (a) the harness. It writes the resolved recipe and DeepSpeed config the baseline then reuses.
     runs["harness"] = launch("harness", "harness/train.py", ["--config", args.recipe, *overrides],
-                             work, harness_out / "metrics.jsonl", args.steps, args.timeout_s)
+                             work, harness_out / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
     # (b) the HF Trainer baseline, only if (a) worked: it needs (a)'s resolved files.
+    extra_out = {}
     if runs["harness"]["rc"] == 0:
         ds_config = args.hf_ds_config or str(harness_out / "ds_config.json")
-        runs["hf"] = launch("hf", "tools/hf_trainer_baseline.py",
-                            ["--recipe", str(harness_out / "recipe.yaml"), "--ds-config", ds_config,
-                             "--output-dir", str(hf_out)],
-                            work, hf_out / "metrics.jsonl", args.steps, args.timeout_s)
+        baseline = ["--recipe", str(harness_out / "recipe.yaml"), "--ds-config", ds_config]
+        runs["hf"] = launch("hf", "tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(hf_out)],
+                            work, hf_out / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
+        if args.kernels:
+            extra_out["harness+k"] = work / "harness_kernels"
+            k_overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={extra_out['harness+k']}", "kernels=all"]
+            runs["harness+k"] = launch("harness+k", "harness/train.py", ["--config", args.recipe, *k_overrides], work,
+                                       extra_out["harness+k"] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
+        if args.liger:
+            extra_out["hf+liger"] = work / "hf_liger"
+            runs["hf+liger"] = launch("hf+liger", "tools/hf_trainer_baseline.py",
+                                      [*baseline, "--output-dir", str(extra_out["hf+liger"]), "--liger"], work,
+                                      extra_out["hf+liger"] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
 
     failed = [name for name, r in runs.items() if r["rc"] != 0]
     if failed:
@@ -253,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = {"harness": harness_steps(read_jsonl(harness_out / "metrics.jsonl")),
             "hf": baseline_steps(read_jsonl(hf_out / "metrics.jsonl"))}
+    if "harness+k" in runs:
+        rows["harness+k"] = harness_steps(read_jsonl(extra_out["harness+k"] / "metrics.jsonl"))
+    if "hf+liger" in runs:
+        rows["hf+liger"] = baseline_steps(read_jsonl(extra_out["hf+liger"] / "metrics.jsonl"))
     for name, r in rows.items():
         if len(r) != args.steps:
             print(f"{name}: {len(r)} step records, expected {args.steps}; see {runs[name]['stdout']}", file=sys.stderr)
@@ -274,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(args.method, args.warmup_steps, summaries)
     print(f"ratio harness/hf tokens/s: {ratio:.3f}  (loop tok/s: {loop_ratio:.3f})")
+    for name in ("harness+k", "hf+liger"):
+        if name in summaries:
+            print(f"ratio {name}/hf tokens/s: {summaries[name]['tokens_per_s'] / summaries['hf']['tokens_per_s']:.3f}")
     if args.harness_set:
         print(f"harness overrides: {' '.join(args.harness_set)} (the layouts differ, so per-step tokens and losses differ)")
     print(f"same non-pad tokens at every step: {'yes' if same_tokens else 'NO'}; "

@@ -62,6 +62,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--recipe", required=True, help="harness recipe YAML (best: the run's resolved RUN/recipe.yaml)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: the recipe's deepspeed.config)")
     p.add_argument("--output-dir", required=True, help="where metrics.jsonl goes (no checkpoints are saved)")
+    p.add_argument("--liger", action="store_true",
+                   help="patch the model with Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) first")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     p.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides, as for harness/train.py")
     return p.parse_args(argv)
@@ -122,6 +124,22 @@ class Collator:
 # ----------------------------------------------------------------------------------------------
 # Model: as harness/model.py load_model, written with plain transformers / peft calls
 # ----------------------------------------------------------------------------------------------
+
+
+def apply_liger(model_path: str) -> None:
+    """Liger-Kernel's own patch for the architecture, applied before the model is built (GPU only)."""
+    from harness import _optional
+    from harness.config import read_model_config
+
+    _optional.require("liger_kernel")
+    import liger_kernel.transformers as liger
+
+    arch = read_model_config(model_path).get("model_type", "")
+    patch = {"llama": liger.apply_liger_kernel_to_llama, "mistral": liger.apply_liger_kernel_to_mistral,
+             "qwen2": liger.apply_liger_kernel_to_qwen2}.get(arch)
+    if patch is None:
+        raise SystemExit(f"error: no Liger patch for model_type {arch!r}")
+    patch()
 
 
 def load_model(recipe, precision: str, on_cuda: bool):
@@ -236,6 +254,8 @@ def make_callback(trainer_ref: list, dataset: OrderedSamples, rank: int, out_pat
             step_s = t_end - self.t_begin
             self.pending = {"step": step, "step_s": step_s, "interval_s": t_end - self.t_last_end,
                             "tokens": tokens.item(), "tokens_per_s": tokens.item() / step_s}
+            if torch.cuda.is_available():
+                self.pending["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
             self.t_last_end = t_end
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -338,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in range(world_size)]
     dataset = OrderedSamples(train_set, samplers, t.max_steps)
 
+    if args.liger:
+        apply_liger(recipe.model.path)
     model = load_model(recipe, precision, on_cuda)
 
     trainer_ref: list = []

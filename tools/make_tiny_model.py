@@ -312,7 +312,8 @@ def _build_model(config_dict: dict[str, Any], seed: int, dtype: str):
 def make_tiny_model(like: str, out_dir, layers: int = 2, hidden: int = 64, heads: int = 4,
                     kv_heads: int = 2, intermediate: int = 128, vocab_size: int = 512, seed: int = 0,
                     dtype: str = "float32", tie_embeddings: bool | None = None,
-                    init_std: float | None = None, max_shard_size: str | None = None) -> Path:
+                    init_std: float | None = None, max_shard_size: str | None = None,
+                    model_vocab_size: int | None = None) -> Path:
     """Build and save a tiny model + tokenizer; returns the output directory.
 
     vocab_size is the *requested* BPE size; the model uses the tokenizer's
@@ -334,6 +335,10 @@ def make_tiny_model(like: str, out_dir, layers: int = 2, hidden: int = 64, heads
     actual_vocab_size = len(tokenizer)
     if actual_vocab_size != vocab_size:
         notes.append(f"tokenizer vocab is {actual_vocab_size} (requested {vocab_size})")
+    if model_vocab_size is not None:
+        if model_vocab_size < actual_vocab_size:
+            raise ValueError(f"--model-vocab-size {model_vocab_size} is below the tokenizer's {actual_vocab_size} tokens")
+        actual_vocab_size = model_vocab_size
 
     config_dict = tiny_config_dict(
         real, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
@@ -394,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tie input/output embeddings (default: as in the --like config)")
     parser.add_argument("--init-std", type=float, default=None,
                         help="weight init std (default hidden**-0.5; the real configs use 0.02)")
+    parser.add_argument("--model-vocab-size", type=int, default=None,
+                        help="embedding/head rows (>= the tokenizer's size), e.g. 128256 for a Llama-3-sized head")
     parser.add_argument("--max-shard-size", default=None,
                         help="split the weights into safetensors shards of at most this size (e.g. 500MB), with an index")
     args = parser.parse_args(argv)
@@ -401,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         make_tiny_model(args.like, args.out, layers=args.layers, hidden=args.hidden, heads=args.heads,
                         kv_heads=args.kv_heads, intermediate=args.intermediate, vocab_size=args.vocab_size,
                         seed=args.seed, dtype=args.dtype, tie_embeddings=args.tie_embeddings,
-                        init_std=args.init_std, max_shard_size=args.max_shard_size)
+                        init_std=args.init_std, max_shard_size=args.max_shard_size,
+                        model_vocab_size=args.model_vocab_size)
     except (ValueError, FileNotFoundError) as error:  # UnknownModelError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2

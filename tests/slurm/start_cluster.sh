@@ -17,16 +17,11 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     || { apt-get update -q >/dev/null && apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null; }
 fi
 
-if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-  echo "start_cluster: already running: $(sinfo -h -o '%N %T %c CPUs')"
-  exit 0
-fi
-
 host=$(hostname -s)
-cpus=$(nproc)
+# `nproc` honours OMP_NUM_THREADS (the tests set 1): ask for the CPUs without it.
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mb=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) * 85 / 100 / 1024 ))
-mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
-cat > /etc/slurm/slurm.conf <<CONF
+conf=$(cat <<CONF
 ClusterName=harness-test
 SlurmctldHost=${host}
 SlurmUser=root
@@ -48,6 +43,18 @@ JobRequeue=1
 NodeName=${host} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+)
+
+if [ "$conf" = "$(cat /etc/slurm/slurm.conf 2>/dev/null)" ] && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+  echo "start_cluster: already running: $(sinfo -h -o '%N %T %c CPUs')"
+  exit 0
+fi
+# Not running, or running with another configuration: (re)start everything with this one.
+pkill -x slurmd 2>/dev/null || true
+pkill -x slurmctld 2>/dev/null || true
+sleep 1
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
+printf '%s\n' "$conf" > /etc/slurm/slurm.conf
 
 if [ ! -s /etc/munge/munge.key ]; then
   mkdir -p /etc/munge

@@ -91,8 +91,15 @@ def wait_until(predicate, timeout_s: float, what: str, log: Path | None = None):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{text}")
 
 
+# Pending reasons that never resolve by waiting: fail at once with the reason instead of timing out.
+NEVER_RUNS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "ReqNodeNotAvail", "InvalidAccount")
+
+
 def finished(job: str) -> str:
     state = job_field(job, "JobState")
+    if state == "PENDING" and job_field(job, "Reason") in NEVER_RUNS:
+        node = subprocess.run(["scontrol", "show", "node"], capture_output=True, text=True).stdout
+        raise AssertionError(f"job {job} can never start here: Reason={job_field(job, 'Reason')}\n{node}")
     return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else ""
 
 
