@@ -14,7 +14,6 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-#SBATCH --error=logs/%x-%j.out
 # --signal: 15 min before the limit the batch shell gets USR1, the ranks save and the job requeues.
 # Partition and account: pass them on the sbatch command line or with SBATCH_PARTITION / SBATCH_ACCOUNT.
 RECIPE=${RECIPE:-harness/recipes/llama3_70b_qlora.yaml}

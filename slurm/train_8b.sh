@@ -12,7 +12,6 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
-#SBATCH --error=logs/%x-%j.out
 RECIPE=${RECIPE:-harness/recipes/llama3_8b_qlora.yaml}
 # shellcheck source=slurm/launch.sh
 source "${HARNESS_DIR:-${SLURM_SUBMIT_DIR:-.}}/slurm/launch.sh"

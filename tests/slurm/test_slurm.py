@@ -74,6 +74,14 @@ def submit(template: str, tmp_path: Path, overrides: list[str], sbatch_args: lis
     return proc.stdout.strip().split(";")[0]
 
 
+def slurmd_log_tail(lines: int = 15) -> str:
+    """What slurmd said (a job that dies before its script runs, e.g. unopenable output, logs only here)."""
+    try:
+        return "\n--- slurmd.log\n" + "\n".join(Path("/var/log/slurm/slurmd.log").read_text().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def job_field(job: str, field: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     m = re.search(rf"\b{field}=(\S+)", out)
@@ -119,7 +127,7 @@ def test_template_trains_on_a_real_slurm(cluster, tiny_llama, tmp_path, template
                  ["--ntasks-per-node=2"], LAUNCH_MODE=mode)
     state = wait_until(lambda: finished(job), 600, f"job {job} to finish", tmp_path / "x.out")
     log = next(tmp_path.glob("*.out")).read_text()
-    assert state == "COMPLETED", log[-5000:]
+    assert state == "COMPLETED", log[-5000:] + slurmd_log_tail()
     assert "preflight: all 2 nodes joined" in log if mode == "torchrun" else "preflight: all 1 nodes joined" in log
     assert "preflight: 2 ranks on 1 hosts" in log and "correct" in log
     assert "world_size=2" in log and f"{mode}:" in log
@@ -150,7 +158,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny_llama, tmp_pa
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
     state = wait_until(lambda: finished(job), 600, f"the requeued job {job} to finish", tmp_path / "x.out")
     log = next(tmp_path.glob("*.out")).read_text()  # --open-mode=append: both runs in one file
-    assert state == "COMPLETED", log[-5000:]
+    assert state == "COMPLETED", log[-5000:] + slurmd_log_tail()
     assert f"resumed from {saved[0]} at step {saved_step}" in log
     assert "restart 1" in log
     steps_logged = [r["step"] for r in read_metrics(out) if "loss" in r]
