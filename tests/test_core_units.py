@@ -130,13 +130,22 @@ def test_flops_per_token_counts_frozen_base_and_recompute():
     assert train_flops_per_token(trainable_matmul_params=10, full_finetune=False, **kw) == 3 * fwd + 20
 
 
+def isolate_launcher_env(monkeypatch) -> None:
+    """launcher_env() writes os.environ directly; set-then-delete makes monkeypatch record each variable
+    so the test's values are removed afterwards (else RANK=3 / WORLD_SIZE=4 leak into later tests'
+    child processes)."""
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                "SLURM_LOCALID"):
+        monkeypatch.setenv(var, "unset")
+        monkeypatch.delenv(var)
+
+
 def test_srun_one_task_per_gpu_ranks_come_from_slurm(monkeypatch):
     import os
 
     from harness import config, distributed
 
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+    isolate_launcher_env(monkeypatch)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
@@ -154,8 +163,7 @@ def test_a_single_task_step_is_a_world_of_one(monkeypatch):
 
     from harness import distributed
 
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)
+    isolate_launcher_env(monkeypatch)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     monkeypatch.setenv("SLURM_PROCID", "0")
     distributed.launcher_env()
