@@ -354,6 +354,25 @@ def _choice(value: str, allowed: tuple, key: str) -> None:
         raise ConfigError(f"'{key}: {value}' is not one of {', '.join(allowed)}{hint}")
 
 
+SHIPPED_MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_MODEL_CONFIGS.glob("*.json"))
+
+
+def find_model_config(spec: str) -> Path | None:
+    """The config.json a model spec names: a config.json path, a model directory holding one, or a
+    shipped architecture name from harness/model_configs (None when it is none of these)."""
+    p = Path(spec)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return p
+    shipped = SHIPPED_MODEL_CONFIGS / f"{spec}.json"
+    return shipped if shipped.is_file() else None
+
+
 def read_model_config(model_path: str) -> dict:
     """The model's config.json as a dict (no weights are read)."""
     return json.loads((Path(model_path) / "config.json").read_text())

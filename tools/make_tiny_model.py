@@ -33,7 +33,11 @@ from typing import Any
 # instantly instead of after a multi-second import.
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_CONFIGS_DIR = REPO_ROOT / "harness" / "model_configs"
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR  # noqa: E402
+from harness.config import find_model_config, shipped_config_names  # noqa: E402
+
 ASSETS_DIR = REPO_ROOT / "harness" / "assets"
 
 # Context length of the tiny model.  The real configs use 4k-128k; 2048 is
@@ -85,18 +89,14 @@ class UnknownModelError(ValueError):
 
 
 def available_config_names() -> list[str]:
-    return sorted(path.stem for path in MODEL_CONFIGS_DIR.glob("*.json"))
+    return shipped_config_names()
 
 
 def load_like_config(like: str) -> dict[str, Any]:
     """Resolve --like: a shipped name (e.g. 'llama-3.1-8b'), a config.json path,
     or a directory holding a config.json."""
-    candidate = Path(like)
-    if candidate.is_dir():
-        candidate = candidate / "config.json"
-    if not candidate.is_file():
-        candidate = MODEL_CONFIGS_DIR / f"{like}.json"
-    if not candidate.is_file():
+    candidate = find_model_config(like)
+    if candidate is None:
         raise UnknownModelError(
             f"unknown --like {like!r}: not a file and not one of the shipped configs in "
             f"{MODEL_CONFIGS_DIR}. Available: {', '.join(available_config_names())}"

@@ -15,8 +15,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR  # re-exported for tests
+from harness.config import find_model_config, shipped_config_names
+
 GIB = 2**30
-MODEL_CONFIGS_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTN_BACKENDS = ("sdpa", "flash_attention_2", "eager")
@@ -96,15 +98,9 @@ class ModelShape:
 
 def load_model_shape(spec: str) -> ModelShape:
     """A config.json path, a model directory holding one, or a shipped name from harness/model_configs."""
-    p = Path(spec)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        shipped = MODEL_CONFIGS_DIR / f"{spec}.json"
-        if not shipped.is_file():
-            names = sorted(x.stem for x in MODEL_CONFIGS_DIR.glob("*.json"))
-            raise ValueError(f"model {spec!r}: not a config.json, a model directory or a shipped name ({', '.join(names)})")
-        p = shipped
+    p = find_model_config(spec)
+    if p is None:
+        raise ValueError(f"model {spec!r}: not a config.json, a model directory or a shipped name ({', '.join(shipped_config_names())})")
     return ModelShape.from_config(json.loads(p.read_text()), name=p.parent.name if p.name == "config.json" else p.stem)
 
 
