@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR  # re-exported for tests
 from harness.config import find_model_config, shipped_config_names
