@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -121,5 +122,22 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Every rank arrives (so none tears its connections down while a peer still works, e.g. rank 0
+    writing the memory report), then the process groups are destroyed."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End the process without interpreter finalisation, once every output is written and flushed.
+
+    After destroy_process_group, ZeRO-3 still holds the gloo/NCCL process groups from every
+    partitioned parameter (`param.ds_process_group`) and from its module-level state, so their C++
+    objects and worker threads live until the interpreter tears its modules down. That teardown runs in
+    no fixed order and, rarely, aborts the process ("terminate called without an active exception",
+    SIGABRT) after training has succeeded: a finished job would then be reported as a crash. Callers
+    close their own files (metrics, wandb) first; here only the standard streams are left to flush."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -447,4 +447,4 @@ def write_exit_code(code: int) -> None:
 if __name__ == "__main__":
     exit_code = main()
     write_exit_code(exit_code)
-    sys.exit(exit_code)
+    distributed.exit_process(exit_code)  # every file is closed; skip the teardown (see exit_process)

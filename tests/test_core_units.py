@@ -196,3 +196,19 @@ def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path):
     with pytest.raises(config.ConfigError, match=r"(?s)does not fit in 24.0 GiB per GPU.*frozen 4-bit weights.*DOES NOT FIT.*train.memory_check=false"):
         train.check_memory_budget(recipe, 1, 24 * 2**30)  # 70B in 4 bits is ~37 GiB before anything else
     train.check_memory_budget(recipe, 64, 80 * 2**30)  # the recipe's own 8 x 8 x 80 GB: fits, no error
+
+
+def test_exit_process_flushes_the_streams_and_keeps_the_code():
+    """train.py ends through distributed.exit_process (os._exit): buffered output must still arrive
+    and the code (75 = requeue) must reach the launcher unchanged."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = ("import sys\nfrom harness import distributed\nprint('last words', end='')\n"
+              "print('on stderr', file=sys.stderr, end='')\ndistributed.exit_process(75)\nprint('never')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75
+    assert proc.stdout == "last words"
+    assert proc.stderr.endswith("on stderr")

@@ -155,4 +155,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from harness import distributed
+
+    distributed.exit_process(main())  # skip the interpreter teardown that can abort after ZeRO-3
