@@ -7,6 +7,7 @@ setting it in this process would leak into every later test and child launch).
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -181,6 +182,24 @@ def test_chunked_linear_cross_entropy_uses_a_fraction_of_the_memory():
     assert out["chunked"]["peak_extra_mib"] <= 0.10 * out["unfused"]["peak_extra_mib"], figures
     assert abs(out["chunked"]["loss"] - out["unfused"]["loss"]) <= 1e-4 * abs(out["unfused"]["loss"])
 
+
+
+def test_the_speed_benchmark_runs_every_kernel_through_triton(tmp_path):
+    """tools/bench_kernels.py's speed cases (on a GPU: bf16 at Llama-3-8B sizes) at --smoke shapes on CPU,
+    the Triton kernels under the interpreter: every case runs, and ours goes through Triton (launches
+    counted) while eager does not. Guards the GPU benchmark against rot between GPU sessions."""
+    out = tmp_path / "bench.json"
+    env = {**child_env(), "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "tools/bench_kernels.py", "--smoke", "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["cpu_smoke"]
+    assert set(rows) == set(config.KERNELS)
+    for kernel, variants in rows.items():
+        assert variants["harness"]["triton_launches"] > 0, (kernel, variants)
+        assert variants["eager"]["triton_launches"] == 0, (kernel, variants)
+        assert all(r["ms"] > 0 for r in variants.values()), (kernel, variants)
+    assert "ms" in rows["nf4"]["bitsandbytes"]  # the bitsandbytes baseline for the dequantisation
 
 # ---- the patcher ---------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 and Liger-Kernel (when installed; its kernels need CUDA).
 
     python tools/bench_kernels.py                      # CPU: the linear + cross-entropy memory check
-    python tools/bench_kernels.py --kernels all        # CUDA: every kernel, bf16, fwd+bwd
+    python tools/bench_kernels.py --kernels all        # CUDA: every kernel, bf16, fwd+bwd (nf4: dequantise)
+    TRITON_INTERPRET=1 python tools/bench_kernels.py --smoke   # CPU: every case at tiny shapes (runs, no figures)
     python tools/bench_kernels.py --json out.json      # also write the figures
 
 Memory on CPU is measured, not estimated: each variant runs in a fresh process and reports its RSS
@@ -107,41 +108,53 @@ def lce_memory_report(tokens: int, hidden: int, vocab: int) -> dict:
     return {"linear_cross_entropy_cpu_memory": rows, "ratio": ratio, "malloc_mmap_threshold_bytes": 1 << 20}
 
 
-# ---- CUDA: every kernel, eager vs torch.compile vs ours vs Liger -----------------------------------
+# ---- speed: every kernel, eager vs torch.compile vs ours vs Liger / bitsandbytes ---------------------
 
 
-def _cuda_time_and_memory(fn, inputs_fn, reps: int = 20) -> tuple[float, float]:
-    """Median ms of fwd+bwd and peak extra MiB above the inputs."""
-    for _ in range(3):
+def _time_and_memory(fn, inputs_fn, reps: int) -> tuple[float, float | None]:
+    """Median ms of one call (fwd+bwd for the differentiable kernels) and, on CUDA, the peak extra MiB
+    above the inputs (None on CPU, where --smoke only proves the code path runs)."""
+    on_cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    for _ in range(1 if reps < 5 else 3):  # warm-up: Triton compiles / autotunes, torch.compile traces
         fn(*inputs_fn())
-    torch.cuda.synchronize()
-    times = []
+    sync()
+    times_ms = []
     for _ in range(reps):
         args = inputs_fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        sync()
+        t0 = time.perf_counter()
         fn(*args)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        sync()
+        times_ms.append(1e3 * (time.perf_counter() - t0))
+    if not on_cuda:
+        return sorted(times_ms)[len(times_ms) // 2], None
     args = inputs_fn()
     gc.collect()
-    torch.cuda.synchronize()
+    sync()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn(*args)
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / MIB
-    return sorted(times)[len(times) // 2], peak
+    sync()
+    return sorted(times_ms)[len(times_ms) // 2], (torch.cuda.max_memory_allocated() - base) / MIB
 
 
-def cuda_cases(names: list[str]):
-    """(kernel, shape text, inputs_fn, {variant: fwd+bwd fn}) at Llama-3-8B sizes, bf16."""
+# Llama-3-8B sizes (hidden 4096, MLP 14336, 32/8 heads of 128, vocab 128256); --smoke: tiny ones.
+FULL_SHAPES = {"tokens": 8192, "hidden": 4096, "mlp": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128,
+               "rope_batch": 4, "rope_seq": 2048, "vocab": 128256}
+SMOKE_SHAPES = {"tokens": 64, "hidden": 64, "mlp": 96, "heads": 4, "kv_heads": 2, "head_dim": 16,
+                "rope_batch": 2, "rope_seq": 16, "vocab": 512}
+
+
+def kernel_cases(names: list[str], dev: str, shapes: dict, with_compile: bool):
+    """(kernel, shape text, inputs_fn, {variant: fn}). The differentiable kernels run fwd+bwd with the
+    weights frozen, as under LoRA / QLoRA; nf4 is a forward-only dequantisation of one MLP weight."""
     from harness import _optional
     from harness.kernels import linear_cross_entropy, linear_cross_entropy_reference, rmsnorm, rmsnorm_reference, rope, rope_reference, swiglu, swiglu_reference
 
-    dev, bf16 = "cuda", torch.bfloat16
-    liger = _optional.available("liger_kernel")
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # no native bf16 on the CPU machines
+    liger = dev == "cuda" and _optional.available("liger_kernel")  # Liger's kernels are CUDA-only
+    n, h, v = shapes["tokens"], shapes["hidden"], shapes["vocab"]
 
     def backward(out):
         outs = out if isinstance(out, tuple) else (out,)
@@ -150,63 +163,110 @@ def cuda_cases(names: list[str]):
     def run(f):
         return lambda *a: backward(f(*a))
 
+    def variants(reference, ours, liger_fn=None, train=True):
+        wrap = run if train else (lambda f: f)
+        fns = {"eager": wrap(reference)}
+        if with_compile:
+            fns["compile"] = wrap(torch.compile(reference))
+        fns["harness"] = wrap(ours)
+        if liger and liger_fn is not None:
+            fns["liger"] = wrap(liger_fn())
+        return fns
+
     cases = []
     if "rmsnorm" in names:
-        w = torch.ones(4096, device=dev, dtype=bf16)  # frozen, as in LoRA
-        fns = {"eager": run(lambda x: rmsnorm_reference(x, w, 1e-5)), "compile": run(torch.compile(lambda x: rmsnorm_reference(x, w, 1e-5))),
-               "harness": run(lambda x: rmsnorm(x, w, 1e-5))}
-        if liger:
+        # Each case's tensors have their own names: the lambdas read them when called, after every case is built.
+        norm_w = torch.ones(h, device=dev, dtype=dtype)
+
+        def liger_rmsnorm():
             from liger_kernel.transformers.functional import liger_rms_norm
-            fns["liger"] = run(lambda x: liger_rms_norm(x, w, 1e-5))
-        cases.append(("rmsnorm", "8192x4096", lambda: (torch.randn(8192, 4096, device=dev, dtype=bf16, requires_grad=True),), fns))
+            return lambda x: liger_rms_norm(x, norm_w, 1e-5)
+        fns = variants(lambda x: rmsnorm_reference(x, norm_w, 1e-5), lambda x: rmsnorm(x, norm_w, 1e-5), liger_rmsnorm)
+        cases.append(("rmsnorm", f"{n}x{h}", lambda: (torch.randn(n, h, device=dev, dtype=dtype, requires_grad=True),), fns))
     if "rope" in names:
-        b, t, d = 4, 2048, 128
+        b, t, d, hq, hk = shapes["rope_batch"], shapes["rope_seq"], shapes["head_dim"], shapes["heads"], shapes["kv_heads"]
         pos = torch.arange(t, device=dev)
         inv = 1.0 / (500000 ** (torch.arange(0, d, 2, device=dev).float() / d))
         emb = torch.cat([pos[:, None] * inv] * 2, -1)
-        cos, sin = emb.cos()[None].to(bf16), emb.sin()[None].to(bf16)
-        qk = lambda: (torch.randn(b, t, 32, d, device=dev, dtype=bf16).transpose(1, 2).requires_grad_(True),  # noqa: E731
-                      torch.randn(b, t, 8, d, device=dev, dtype=bf16).transpose(1, 2).requires_grad_(True))
-        fns = {"eager": run(lambda q, k: rope_reference(q, k, cos, sin)), "compile": run(torch.compile(lambda q, k: rope_reference(q, k, cos, sin))),
-               "harness": run(lambda q, k: rope(q, k, cos, sin))}
-        if liger:
+        cos, sin = emb.cos()[None].to(dtype), emb.sin()[None].to(dtype)
+
+        def qk():  # (batch, heads, seq, head_dim) views of (batch, seq, heads, head_dim), as HF's attention makes them
+            return (torch.randn(b, t, hq, d, device=dev, dtype=dtype).transpose(1, 2).requires_grad_(True),
+                    torch.randn(b, t, hk, d, device=dev, dtype=dtype).transpose(1, 2).requires_grad_(True))
+
+        def liger_rope_fn():
             from liger_kernel.transformers.functional import liger_rope
-            fns["liger"] = run(lambda q, k: liger_rope(q, k, cos, sin))
-        cases.append(("rope", f"q {b}x32x{t}x{d}, k {b}x8x{t}x{d}", qk, fns))
+            return lambda q, k: liger_rope(q, k, cos, sin)
+        fns = variants(lambda q, k: rope_reference(q, k, cos, sin), lambda q, k: rope(q, k, cos, sin), liger_rope_fn)
+        cases.append(("rope", f"q {b}x{hq}x{t}x{d}, k {b}x{hk}x{t}x{d}", qk, fns))
     if "swiglu" in names:
-        gu = lambda: tuple(torch.randn(8192, 14336, device=dev, dtype=bf16, requires_grad=True) for _ in range(2))  # noqa: E731
-        fns = {"eager": run(swiglu_reference), "compile": run(torch.compile(swiglu_reference)), "harness": run(swiglu)}
-        if liger:
+        m = shapes["mlp"]
+
+        def liger_swiglu_fn():
             from liger_kernel.transformers.functional import liger_swiglu
-            fns["liger"] = run(liger_swiglu)
-        cases.append(("swiglu", "8192x14336", gu, fns))
+            return liger_swiglu
+        fns = variants(swiglu_reference, swiglu, liger_swiglu_fn)
+        cases.append(("swiglu", f"{n}x{m}", lambda: tuple(torch.randn(n, m, device=dev, dtype=dtype, requires_grad=True) for _ in range(2)), fns))
     if "linear_cross_entropy" in names:
-        n, h, v = 8192, 4096, 128256
-        w = torch.randn(v, h, device=dev, dtype=bf16) * h**-0.5  # frozen head
+        head_w = torch.randn(v, h, device=dev, dtype=dtype) * h**-0.5  # frozen head
         tgt = torch.randint(0, v, (n,), device=dev)
-        fns = {"eager": run(lambda x: linear_cross_entropy_reference(x, w, tgt)),
-               "compile": run(torch.compile(lambda x: linear_cross_entropy_reference(x, w, tgt))),
-               "harness": run(lambda x: linear_cross_entropy(x, w, tgt))}
-        if liger:
+
+        def liger_flce():
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-            fns["liger"] = run(lambda x: liger_fused_linear_cross_entropy(x, w, tgt, reduction="sum"))
-        cases.append(("linear_cross_entropy", f"N={n} H={h} V={v}, frozen head", lambda: (torch.randn(n, h, device=dev, dtype=bf16, requires_grad=True),), fns))
+            return lambda x: liger_fused_linear_cross_entropy(x, head_w, tgt, reduction="sum")
+        fns = variants(lambda x: linear_cross_entropy_reference(x, head_w, tgt), lambda x: linear_cross_entropy(x, head_w, tgt), liger_flce)
+        cases.append(("linear_cross_entropy", f"N={n} H={h} V={v}, frozen head",
+                      lambda: (torch.randn(n, h, device=dev, dtype=dtype, requires_grad=True),), fns))
+    if "nf4" in names:
+        cases.append(nf4_case(dev, dtype, shapes, with_compile))
     return cases
 
 
-def cuda_report(names: list[str]) -> dict:
+def nf4_case(dev: str, dtype: torch.dtype, shapes: dict, with_compile: bool):
+    """Dequantise one (mlp x hidden) NF4 weight with double quantisation, packed in `dtype` storage as
+    under ZeRO-3: ours vs the PyTorch reference vs bitsandbytes' own dequantize_4bit."""
+    import bitsandbytes.functional as bnbf
+
+    from harness.kernels import nf4_dequantize, nf4_dequantize_reference
+
+    w = torch.randn(shapes["mlp"], shapes["hidden"], device=dev, dtype=dtype)
+    packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, quant_storage=dtype)
+    fns = {"eager": lambda: nf4_dequantize_reference(packed, qs, dtype)}
+    if with_compile:
+        compiled = torch.compile(nf4_dequantize_reference)
+        fns["compile"] = lambda: compiled(packed, qs, dtype)
+    fns["harness"] = lambda: nf4_dequantize(packed, qs, dtype)
+    fns["bitsandbytes"] = lambda: bnbf.dequantize_4bit(packed, qs)
+    return ("nf4", f"{shapes['mlp']}x{shapes['hidden']} dequantise, {str(dtype).removeprefix('torch.')} storage", lambda: (), fns)
+
+
+def speed_report(names: list[str], smoke: bool) -> dict:
+    from harness.kernels import _runtime
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    reps = 2 if smoke else 20
+    with_compile = dev == "cuda"  # inductor on CPU needs a C++ toolchain and minutes; the figures that matter are GPU ones
+    where = torch.cuda.get_device_name() if dev == "cuda" else (
+        "CPU, Triton interpreter" if _runtime.interpreting() else "CPU, PyTorch fallbacks (set TRITON_INTERPRET=1 for the Triton path)")
+    print(f"{where}: median of {reps} (ms) and peak extra memory (MiB, CUDA only){'; --smoke shapes' if smoke else ''}")
     results = {}
-    print(f"{torch.cuda.get_device_name()} bf16, fwd+bwd, median of 20 (ms) and peak extra memory (MiB)")
-    for kernel, shape, inputs_fn, fns in cuda_cases(names):
+    for kernel, shape, inputs_fn, fns in kernel_cases(names, dev, SMOKE_SHAPES if smoke else FULL_SHAPES, with_compile):
         results[kernel] = {}
         for variant, fn in fns.items():
+            launches_before = sum(_runtime.LAUNCHES.values())
             try:
-                ms, mib = _cuda_time_and_memory(fn, inputs_fn)
+                ms, mib = _time_and_memory(fn, inputs_fn, reps)
             except Exception as e:  # one failing baseline (e.g. an old Liger) must not hide the rest
-                print(f"  {kernel:22s} {variant:8s} failed: {type(e).__name__}: {e}")
+                print(f"  {kernel:22s} {variant:12s} failed: {type(e).__name__}: {e}")
+                results[kernel][variant] = {"error": f"{type(e).__name__}: {e}", "shape": shape}
                 continue
-            results[kernel][variant] = {"ms": ms, "peak_extra_mib": mib, "shape": shape}
-            print(f"  {kernel:22s} {variant:8s} {ms:9.3f} ms {mib:10.1f} MiB   ({shape})")
+            triton_launches = sum(_runtime.LAUNCHES.values()) - launches_before
+            results[kernel][variant] = {"ms": ms, "peak_extra_mib": mib, "shape": shape, "triton_launches": triton_launches}
+            mem = f"{mib:10.1f} MiB" if mib is not None else f"{'-':>10s} MiB"
+            print(f"  {kernel:22s} {variant:12s} {ms:9.3f} ms {mem}   ({shape})")
+        ours, eager = results[kernel].get("harness", {}), results[kernel].get("eager", {})
+        if "ms" in ours and "ms" in eager:
+            print(f"  {kernel:22s} speed-up of harness over eager: {eager['ms'] / ours['ms']:.2f}x")
     return results
 
 
@@ -214,10 +274,13 @@ def main(argv=None) -> int:
     from harness.config import KERNELS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernels", default="all", help="comma list of " + ",".join(KERNELS) + " (CUDA timing), or all")
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--kernels", default="all", help="comma list of " + ",".join(KERNELS) + " (speed cases), or all")
+    p.add_argument("--tokens", type=int, default=4096, help="CPU memory check: tokens")
+    p.add_argument("--hidden", type=int, default=4096, help="CPU memory check: hidden size")
+    p.add_argument("--vocab", type=int, default=128256, help="CPU memory check: vocabulary")
+    p.add_argument("--smoke", action="store_true",
+                   help="every speed case at tiny shapes, 2 repetitions, on CUDA or on CPU (Triton kernels under "
+                        "TRITON_INTERPRET=1): proves the benchmark runs; its figures mean nothing")
     p.add_argument("--json", default="", help="write the figures to this file")
     p.add_argument("--measure-lce-memory", choices=("unfused", "chunked"), help=argparse.SUPPRESS)  # child process mode
     args = p.parse_args(argv)
@@ -229,13 +292,19 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown kernels {bad}; choose from {', '.join(KERNELS)}")
     results = {}
-    if torch.cuda.is_available():
-        results["cuda"] = cuda_report(names)
+    failed = []
+    if torch.cuda.is_available() or args.smoke:
+        speed = results["cuda" if torch.cuda.is_available() else "cpu_smoke"] = speed_report(names, args.smoke)
+        # Our kernel or its reference failing is a defect (exit 1); a baseline (Liger, compile) failing is reported only.
+        failed = [f"{k}/{v}" for k, rows in speed.items() for v, r in rows.items() if "error" in r and v in ("harness", "eager")]
     else:
         print("no CUDA device: speed of the Triton kernels, torch.compile and Liger is not measured here (Liger needs CUDA)")
         results["cpu"] = lce_memory_report(args.tokens, args.hidden, args.vocab)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

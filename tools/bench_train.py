@@ -10,11 +10,17 @@ thread each):
 
     python tools/bench_train.py                    # qlora, hidden 128, 4 layers, 30 steps
     python tools/bench_train.py --method lora --steps 50 --json /tmp/bench.json
-    python tools/bench_train.py --gpu-8b           # one GPU: Llama-3.1-8B shape (random weights), QLoRA r=16
-                                                   # all-linear, seq 4096, with harness+kernels and hf+liger runs
+    python tools/bench_train.py --gpu-8b --work-dir /tmp/b8 --runs harness,hf
+    python tools/bench_train.py --gpu-8b --work-dir /tmp/b8 --runs harness+k,hf+liger
+                                                   # one GPU: Llama-3.1-8B shape (random weights), QLoRA r=16
+                                                   # all-linear, seq 4096; split over two calls, each under
+                                                   # 10 min; the second reuses the model and the first's runs
 
 Extra runs: --kernels adds "harness+k" (the harness with kernels=all), --liger adds "hf+liger" (the
 baseline patched by Liger-Kernel; GPU only). Each is compared with the plain "hf" run.
+
+--runs NAME,... runs only those; with --work-dir, a run not named there whose complete metrics a
+previous call left in the work dir is reused (and marked so), and the model is made once per shape.
 
 Throughput = non-padding input tokens summed over ranks / optimizer-step wall time on rank 0, taken as
 total tokens / total step time over the steps after the first --warmup-steps (not a median of per-step
@@ -35,12 +41,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = "harness/recipes/demo_qlora.yaml"
+RUN_NAMES = ("harness", "hf", "harness+k", "hf+liger")
 STDERR_TAIL_LINES = 60
 
 
@@ -67,9 +75,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model-vocab-size", type=int, default=None, help="embedding/head rows, e.g. 128256 (default: the tokenizer's)")
     p.add_argument("--kernels", action="store_true", help="add a harness run with kernels=all")
     p.add_argument("--liger", action="store_true", help="add an HF baseline run patched by Liger-Kernel (GPU)")
+    p.add_argument("--runs", default=None, metavar="NAME,...",
+                   help=f"runs to launch now, of {','.join(RUN_NAMES)} (default: harness,hf plus those --kernels / --liger add); "
+                        "others are reused from --work-dir when complete there")
     p.add_argument("--gpu-8b", action="store_true",
                    help="preset for one GPU: Llama-3.1-8B shape (32 x 4096, MLP 14336, 32/8 heads, vocab 128256), qlora, "
-                        "seq_len 4096, micro-batch 1, global batch 8, full checkpointing, --kernels --liger, 20 steps")
+                        "seq_len 4096, micro-batch 1, global batch 4, full checkpointing, --kernels --liger, 10 steps "
+                        "(2 warm-up)")
     p.add_argument("--harness-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for the harness run only, e.g. data.packing=true (repeatable); "
                         "the HF baseline always uses plain padded batches, as HF's collators do")
@@ -78,11 +90,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads = 4096, 32, 14336, 32, 8
         args.model_vocab_size, args.seq_len, args.method, args.nproc = 128256, 4096, "qlora", 1
         args.kernels = args.liger = True
-        args.steps = 20 if args.steps == 30 else args.steps
-        args.harness_set = ["train.micro_batch_size=1", "train.global_batch_size=8", "train.gradient_checkpointing=full",
+        # ~2.5 min a run on one H100 (load included): two runs fit one 10-minute device call.
+        args.steps = 10 if args.steps == 30 else args.steps
+        args.warmup_steps = 2 if args.warmup_steps == 3 else args.warmup_steps
+        args.harness_set = ["train.micro_batch_size=1", "train.global_batch_size=4", "train.gradient_checkpointing=full",
                             "lora.r=16", "lora.target_modules=all-linear", *args.harness_set]
     if args.steps <= args.warmup_steps:
         p.error(f"--steps ({args.steps}) must exceed --warmup-steps ({args.warmup_steps})")
+    default_runs = ["harness", "hf"] + ["harness+k"] * args.kernels + ["hf+liger"] * args.liger
+    args.runs = default_runs if args.runs is None else [r.strip() for r in args.runs.split(",") if r.strip()]
+    bad = [r for r in args.runs if r not in RUN_NAMES]
+    if bad:
+        p.error(f"--runs: unknown {bad}; choose from {','.join(RUN_NAMES)}")
     return args
 
 
@@ -230,55 +249,82 @@ def print_table(method: str, warmup_steps: int, summaries: dict) -> None:
           f"non-pad input tokens over both ranks / total step time; wall s = whole launcher run incl. start-up)")
 
 
+def make_model(args, model_dir: Path, shape: list[str]) -> bool:
+    """The random model, made once per shape in a work dir (an 8B one takes minutes and 16 GB)."""
+    stamp = model_dir / "bench_shape.json"
+    wanted = {"like": args.like, "shape": shape}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        progress(f"reusing the model in {model_dir} (same shape)")
+        return True
+    progress(f"making a random model like {args.like}: {' '.join(shape)}")
+    made = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--like", args.like, "--out", str(model_dir), *shape],
+                          cwd=REPO, env=bench_env(), capture_output=True, text=True)
+    if made.returncode != 0:
+        print(f"make_tiny_model.py failed (exit {made.returncode}):\n{made.stderr[-4000:]}", file=sys.stderr)
+        return False
+    stamp.write_text(json.dumps(wanted))
+    progress(made.stdout.strip().splitlines()[-1])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_train-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, harness_out, hf_out = work / "model", work / "harness", work / "hf"
+    model_dir = work / "model"
+    out_dirs = {"harness": work / "harness", "hf": work / "hf", "harness+k": work / "harness_kernels", "hf+liger": work / "hf_liger"}
+    harness_out = out_dirs["harness"]
     intermediate = args.intermediate or 2 * args.hidden
 
     progress(f"work dir {work}")
-    progress(f"making a tiny model like {args.like}: hidden {args.hidden}, {args.layers} layers, MLP {intermediate}")
     shape = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--intermediate", str(intermediate)]
     for flag, value in (("--heads", args.heads), ("--kv-heads", args.kv_heads), ("--model-vocab-size", args.model_vocab_size)):
         if value is not None:
             shape += [flag, str(value)]
     if args.gpu_8b:
         shape += ["--dtype", "bfloat16", "--max-shard-size", "5GB"]
-    made = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--like", args.like, "--out", str(model_dir), *shape],
-                          cwd=REPO, env=bench_env(), capture_output=True, text=True)
-    if made.returncode != 0:
-        print(f"make_tiny_model.py failed (exit {made.returncode}):\n{made.stderr[-4000:]}", file=sys.stderr)
+    # What makes two calls' runs comparable: a run left by a call with another setting is never reused.
+    setting = {"like": args.like, "shape": shape, "method": args.method, "steps": args.steps, "seq_len": args.seq_len,
+               "recipe": args.recipe, "harness_set": args.harness_set, "hf_ds_config": args.hf_ds_config, "nproc": args.nproc}
+    runs: dict = {}
+    for name in RUN_NAMES:
+        if name in args.runs:
+            continue
+        info_path = work / f"{name}.run.json"
+        info = json.loads(info_path.read_text()) if info_path.is_file() else None
+        if info and info["rc"] == 0 and info["setting"] == setting:
+            runs[name] = {**info, "reused": True}
+            progress(f"{name}: reusing the complete run in {out_dirs[name]}")
+    missing = [name for name in ("harness", "hf") if name not in args.runs and name not in runs]
+    if missing:
+        print(f"--runs: {', '.join(missing)} must run in this call or be left complete in --work-dir by an earlier call "
+              "with the same settings (every figure is relative to them)", file=sys.stderr)
+        return 2
+    if not make_model(args, model_dir, shape):
         return 1
-    progress(made.stdout.strip().splitlines()[-1])
 
-    overrides = [f"model.path={model_dir}", f"output_dir={harness_out}", f"method={args.method}",
+    overrides = [f"model.path={model_dir}", f"method={args.method}",
                  f"train.max_steps={args.steps}", "eval.every_steps=0", "log.every_steps=1", "log.progress_bar=false"]
     if args.seq_len:
         overrides.append(f"data.seq_len={args.seq_len}")
     overrides += args.harness_set
-
-    runs: dict = {}
-    # (a) the harness. It writes the resolved recipe and DeepSpeed config the baseline then reuses.
-    runs["harness"] = launch("harness", "harness/train.py", ["--config", args.recipe, *overrides],
-                             work, harness_out / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
-    # (b) the HF Trainer baseline, only if (a) worked: it needs (a)'s resolved files.
-    extra_out = {}
-    if runs["harness"]["rc"] == 0:
-        ds_config = args.hf_ds_config or str(harness_out / "ds_config.json")
-        baseline = ["--recipe", str(harness_out / "recipe.yaml"), "--ds-config", ds_config]
-        runs["hf"] = launch("hf", "tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(hf_out)],
-                            work, hf_out / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
-        if args.kernels:
-            extra_out["harness+k"] = work / "harness_kernels"
-            k_overrides = [o for o in overrides if not o.startswith("output_dir=")] + [f"output_dir={extra_out['harness+k']}", "kernels=all"]
-            runs["harness+k"] = launch("harness+k", "harness/train.py", ["--config", args.recipe, *k_overrides], work,
-                                       extra_out["harness+k"] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
-        if args.liger:
-            extra_out["hf+liger"] = work / "hf_liger"
-            runs["hf+liger"] = launch("hf+liger", "tools/hf_trainer_baseline.py",
-                                      [*baseline, "--output-dir", str(extra_out["hf+liger"]), "--liger"], work,
-                                      extra_out["hf+liger"] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
+    # The HF runs reuse the recipe and DeepSpeed config the harness run resolved (same maths, same batches).
+    baseline = ["--recipe", str(harness_out / "recipe.yaml"), "--ds-config", args.hf_ds_config or str(harness_out / "ds_config.json")]
+    commands = {
+        "harness": ("harness/train.py", ["--config", args.recipe, *overrides, f"output_dir={harness_out}"]),
+        "hf": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf"])]),
+        "harness+k": ("harness/train.py", ["--config", args.recipe, *overrides, f"output_dir={out_dirs['harness+k']}", "kernels=all"]),
+        "hf+liger": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf+liger"]), "--liger"]),
+    }
+    for name in RUN_NAMES:  # harness first: the others need its resolved files
+        if name not in args.runs:
+            continue
+        if name != "harness" and runs.get("harness", {}).get("rc", 0) != 0:
+            break  # the harness run failed: reported below
+        shutil.rmtree(out_dirs[name], ignore_errors=True)  # a stale run's checkpoints would be resumed (resume: auto)
+        script, script_args = commands[name]
+        runs[name] = launch(name, script, script_args, work, out_dirs[name] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
+        (work / f"{name}.run.json").write_text(json.dumps({**runs[name], "setting": setting}))
 
     failed = [name for name, r in runs.items() if r["rc"] != 0]
     if failed:
@@ -288,17 +334,16 @@ def main(argv: list[str] | None = None) -> int:
             print(stderr_tail(Path(runs[name]["stderr"])), file=sys.stderr)
         return 1
 
-    rows = {"harness": harness_steps(read_jsonl(harness_out / "metrics.jsonl")),
-            "hf": baseline_steps(read_jsonl(hf_out / "metrics.jsonl"))}
-    if "harness+k" in runs:
-        rows["harness+k"] = harness_steps(read_jsonl(extra_out["harness+k"] / "metrics.jsonl"))
-    if "hf+liger" in runs:
-        rows["hf+liger"] = baseline_steps(read_jsonl(extra_out["hf+liger"] / "metrics.jsonl"))
+    step_rows = {"harness": harness_steps, "hf": baseline_steps, "harness+k": harness_steps, "hf+liger": baseline_steps}
+    rows = {name: step_rows[name](read_jsonl(out_dirs[name] / "metrics.jsonl")) for name in RUN_NAMES if name in runs}
     for name, r in rows.items():
         if len(r) != args.steps:
             print(f"{name}: {len(r)} step records, expected {args.steps}; see {runs[name]['stdout']}", file=sys.stderr)
             return 1
     summaries = {name: summarize(r, args.warmup_steps, runs[name]["wall_s"]) for name, r in rows.items()}
+    reused = [name for name, r in runs.items() if r.get("reused")]
+    if reused:
+        progress(f"reused from an earlier call: {', '.join(reused)}")
 
     # Fairness checks: the same sequences per step (identical per-step token counts) and the same maths
     # (same init, data, learning rates and update: the losses then agree to float rounding). A schedule
@@ -332,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                        "like": args.like, "hidden": args.hidden, "layers": args.layers,
                        "intermediate": intermediate, "seq_len": args.seq_len, "recipe": args.recipe,
                        "harness_overrides": args.harness_set,
-                       "work_dir": str(work)},
+                       "work_dir": str(work), "runs_reused_from_earlier_call": reused},
             "tokens_per_s_definition": "non-pad input tokens summed over ranks / step wall time, "
                                        "total over steps after warmup_steps",
             "summary": summaries,
