@@ -501,6 +501,6 @@ def test_direct_backend_encoding_equals_the_transformers_wrapper(tok, monkeypatc
     rows = {"alpaca": ALPACA_ROWS, "chat": [{"messages": CHAT}], "text": [{"text": "héllo wörld  \u00a0 twice"}],
             "completion": [{"prompt": "abc", "completion": "def"}]}
     fast = {f: as_lists(data.tokenize_rows(r, f, tok, 512, False, "raise", data.DataStats(), "t")) for f, r in rows.items()}
-    monkeypatch.setattr(data, "_plain_backend", lambda _tok: None)
+    monkeypatch.setattr(data.tokens, "_plain_backend", lambda _tok: None)
     slow = {f: as_lists(data.tokenize_rows(r, f, tok, 512, False, "raise", data.DataStats(), "t")) for f, r in rows.items()}
     assert fast == slow
