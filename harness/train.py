@@ -15,6 +15,7 @@ Exit codes: 0 done, 2 bad recipe / input (one line on stderr naming the problem 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -124,8 +125,10 @@ def token_loss_sum(engine, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
 
 
-def train_step(engine, window: list[dict], dist: distributed.DistInfo) -> tuple[float, float | None, float, float]:
-    """One optimizer step over `window` (this rank's grad-accumulation micro-batches).
+def train_step(engine, window: list[dict], dist: distributed.DistInfo,
+               phases: live_memory.PhasePeaks | None = None) -> tuple[float, float | None, float, float]:
+    """One optimizer step over `window` (this rank's grad-accumulation micro-batches). `phases`, when
+    given, records the peak memory of the forward, backward and optimizer-step phases.
 
     The loss is normalised by the number of target tokens in the whole window on all ranks, so every
     token weighs the same whatever micro-batch or rank it landed on (a mean of per-micro-batch means
@@ -138,15 +141,19 @@ def train_step(engine, window: list[dict], dist: distributed.DistInfo) -> tuple[
     (global_targets,) = distributed.all_reduce_sum([local_targets], dist.device)
     scale = dist.world_size / max(global_targets, 1.0)
     loss_sum, grad_norm = 0.0, None
+    measure = phases.phase if phases is not None else (lambda _name: contextlib.nullcontext())
     for i, batch in enumerate(window):
         batch = {k: v.to(dist.device) for k, v in batch.items()}
-        loss = token_loss_sum(engine, batch)
-        engine.backward(loss * scale, scale_wrt_gas=False)
+        with measure("forward"):
+            loss = token_loss_sum(engine, batch)
+        with measure("backward"):
+            engine.backward(loss * scale, scale_wrt_gas=False)
         if i == len(window) - 1 and engine.zero_optimization_stage() == 0:
             # ZeRO-0 clips without recording the norm: measure the all-reduced gradients here.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-        engine.step()  # DeepSpeed only updates on the last micro-batch of the window
+        with measure("step" if i == len(window) - 1 else "backward"):  # earlier micro-batches only advance a counter
+            engine.step()  # DeepSpeed only updates on the last micro-batch of the window
         loss_sum += loss.item()
     if grad_norm is None:
         norm = engine.get_global_grad_norm()  # ZeRO-1/2/3: the pre-clipping global norm
@@ -327,13 +334,15 @@ def fit(run: Run) -> tuple[int, bool]:
     for step in range(state["step"] + 1, t.max_steps + 1):
         window = [data.collate([run.train_set[i] for i in idx], run.pad_id, flatten=flat) for idx in run.sampler.window(step - 1)]
         lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances it in step())
+        every = recipe.log.memory_every_steps
+        measured = every and (step == 1 or step % every == 0)
+        phases = live_memory.PhasePeaks(dist.device) if measured else None
         t0 = time.perf_counter()
-        loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist)
+        loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist, phases)
         step_s = time.perf_counter() - t0
         state["tokens_seen"] += global_tokens
-        every = recipe.log.memory_every_steps
-        if every and (step == 1 or step % every == 0):  # after a full step: weights, grads and Adam state all exist
-            run.memory = live_memory.footprint(engine)
+        if measured:  # after a full step: weights, grads and Adam state all exist
+            run.memory = {**live_memory.footprint(engine), **phases.as_footprint()}
             log.log({"step": step, "memory": live_memory.record(run.memory)})
         if step % recipe.log.every_steps == 0 or step == t.max_steps:
             record = {

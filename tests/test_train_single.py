@@ -96,9 +96,16 @@ def test_live_memory_footprint_and_report(tiny_llama, tmp_path):
     optimizer_bytes = mem[-1]["memory"]["optimizer_mib"] * 2**20
     assert abs(optimizer_bytes - 12 * trainable) <= 1024  # MiB logged to 1 KiB
     assert mem[-1]["memory"]["parameters_mib"] > 0 and mem[-1]["memory"]["gradients_mib"] > 0
+    # Per-phase peaks (CPU: the RSS high-water mark within each phase, reset at its start): every phase
+    # holds at least the resident states, and none exceeds the process's lifetime peak.
+    for r in mem:
+        m = r["memory"]
+        resident = m["parameters_mib"] + m["gradients_mib"] + m["optimizer_mib"]
+        for ph in ("forward", "backward", "step"):
+            assert resident < m[f"peak_{ph}_mib"] <= m["peak_rss_mib"] + 1e-3, (ph, m)
     report = (tmp_path / "memory_report.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "MiB" not in line}
-    assert set(rows) >= {"parameters", "gradients", "optimizer"}
+    assert set(rows) >= {"parameters", "gradients", "optimizer", "forward", "backward", "step"}
     for name in ("parameters", "optimizer"):  # predicted within 5% of measured for the resident states
         diff = float(rows[name].split("|")[4].strip().rstrip("%"))
         assert abs(diff) <= 5.0, report

@@ -39,16 +39,21 @@ MIB = 2**20
 
 
 def _peak_rss_bytes() -> int:
-    """This process's RSS high-water mark: VmHWM of /proc/self/status (the address space's own peak;
-    getrusage's ru_maxrss would also count the parent's RSS from before exec, which is inherited)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    """This process's RSS high-water mark: VmHWM (the address space's own peak; getrusage's ru_maxrss
+    would also count the parent's RSS from before exec, which is inherited)."""
+    from harness.memory.live import peak_rss_bytes
+
+    peak = peak_rss_bytes(since_reset=True)
+    if peak is None:
+        raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    return peak
 
 
 def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := current RSS
+    from harness.memory.live import reset_peak_rss
+
+    if not reset_peak_rss():  # Linux >= 4.0: VmHWM := current RSS
+        raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
 
 
 def measure_lce_memory(variant: str, tokens: int, hidden: int, vocab: int, seed: int = 0) -> dict:

@@ -11,13 +11,16 @@ views counts once):
 - on CUDA, `allocated` and `peak_allocated` from torch.cuda's allocator; the part of the peak not in
   the three categories is activations, logits and temporaries ("other at peak").
 On CPU there is no allocator to ask, so only the three categories are reported, with the process's
-peak RSS beside them. The training loop logs this at step 1 and every `log.memory_every_steps`, and
+peak RSS beside them. `PhasePeaks` adds the peak within each phase of the measured step (forward,
+backward, optimizer step): CUDA peak allocated bytes, or on CPU the RSS high-water mark. The training loop logs this at step 1 and every `log.memory_every_steps`, and
 `memory_report.md` sets the last measurement beside the pre-flight budget, category by category.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
+from pathlib import Path
 
 import torch
 
@@ -86,8 +89,77 @@ def footprint(engine) -> dict:
         out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         out["other_at_peak_bytes"] = max(0, out["peak_allocated_bytes"] - accounted)
     else:
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["peak_rss_bytes"] = peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
+
+
+_rss_peak_before_resets = 0  # VmHWM folded in before each reset, so resets never lose the lifetime peak
+
+
+def _vmhwm_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes(since_reset: bool = False) -> int | None:
+    """This process's RSS high-water mark (VmHWM, Linux; None elsewhere): over its lifetime, or since
+    the last reset_peak_rss(). (getrusage's ru_maxrss would also count the parent's RSS from before
+    exec, and it follows the resets.)"""
+    hwm = _vmhwm_bytes()
+    if hwm is None or since_reset:
+        return hwm
+    return max(hwm, _rss_peak_before_resets)
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM to the current RSS (Linux >= 4.0, /proc/self/clear_refs); False where that is not possible."""
+    global _rss_peak_before_resets
+    hwm = _vmhwm_bytes()
+    if hwm is None:
+        return False
+    _rss_peak_before_resets = max(_rss_peak_before_resets, hwm)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """Peak memory per training phase (forward, backward, step) over one optimizer step, the maximum
+    over its micro-batches. On CUDA: the allocator's peak allocated bytes within the phase (the figure
+    the budget's `phase_bytes` predicts, less its CUDA context and margin). On CPU: the process's RSS
+    high-water mark within the phase, which also holds the libraries and the data set, so it is logged
+    but not set against the budget. Only the steps whose footprint is logged are measured."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peaks: dict[str, int] = {}
+        self.works = self.cuda or reset_peak_rss()
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if not self.works:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_peak_rss()
+        try:
+            yield
+        finally:
+            peak = torch.cuda.max_memory_allocated() if self.cuda else (peak_rss_bytes(since_reset=True) or 0)
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+
+    def as_footprint(self) -> dict:
+        """`peak_<phase>_bytes` entries to merge into a footprint (empty where nothing was measured)."""
+        return {f"peak_{name}_bytes": b for name, b in self.peaks.items()}
 
 
 def record(fp: dict) -> dict:
@@ -117,6 +189,20 @@ def report_markdown(measured: dict, budget, step: int) -> str:
         lines.append(f"Measured peak allocated (CUDA): {measured['peak_allocated_bytes'] / GIB:.3f} GiB.")
     if "peak_rss_bytes" in measured:
         lines.append(f"Process peak RSS (CPU; includes libraries and the data set): {measured['peak_rss_bytes'] / GIB:.3f} GiB.")
+    phases = [ph for ph in ("forward", "backward", "step") if f"peak_{ph}_bytes" in measured]
+    if phases:
+        on_cuda = "peak_allocated_bytes" in measured
+        what = "peak allocated (CUDA)" if on_cuda else "peak RSS (CPU; libraries and data set included, so no budget column)"
+        lines += ["", f"Per phase, measured {what}, MiB:", "",
+                  "| phase | predicted MiB | measured MiB | difference |", "|---|---|---|---|"]
+        for ph in phases:
+            got = measured[f"peak_{ph}_bytes"]
+            # allocator-visible prediction: the phase's lines less the runtime ones (CUDA context, NCCL,
+            # which max_memory_allocated does not see) and without the allocator margin
+            want = (sum(ln.bytes for ln in budget.lines if ph in ln.phases and ln.category != "runtime")
+                    if (budget is not None and on_cuda) else None)
+            diff = f"{100 * (want - got) / got:+.1f}%" if want and got else "n/a"
+            lines.append(f"| {ph} | {want / mib:.3f} | {got / mib:.3f} | {diff} |" if want else f"| {ph} | n/a | {got / mib:.3f} | n/a |")
     lines += ["", "Budget lines (MiB, with the phases each is held in):", ""]
     if budget is not None:
         for ln in budget.lines:

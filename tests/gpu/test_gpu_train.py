@@ -22,6 +22,13 @@ def test_bf16_one_gpu(tiny_llama, tmp_path, method):
     assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
     assert steps[-1]["peak_allocated_gib"] > 0
     assert json.loads((tmp_path / "ds_config.json").read_text())["bf16"]["enabled"] is True
+    # Per-phase peak allocated bytes, set against the budget's allocator-visible prediction per phase.
+    mem = [r["memory"] for r in read_metrics(tmp_path) if "memory" in r][-1]
+    assert 0 < mem["peak_forward_mib"] and 0 < mem["peak_backward_mib"] and 0 < mem["peak_step_mib"]
+    assert max(mem["peak_forward_mib"], mem["peak_backward_mib"], mem["peak_step_mib"]) <= mem["peak_allocated_mib"] + 1e-3
+    report = (tmp_path / "memory_report.md").read_text()
+    phase_rows = [line for line in report.splitlines() if line.startswith(("| forward", "| backward", "| step"))]
+    assert len(phase_rows) == 3 and all("n/a" not in row.split("|")[2] for row in phase_rows), report
 
 
 def test_packing_with_flash_attention(tiny_llama, tmp_path):
