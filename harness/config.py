@@ -119,6 +119,7 @@ class LogConfig:
     wandb_project: str = "harness"
     wandb_run_name: str = ""
     memory_every_steps: int = 50  # per-category memory footprint at step 1 and every N steps (0 = off); memory_report.md at the end
+    memory_snapshot: bool = False  # CUDA: record the allocator's history from start-up; memory_snapshot_rank{R}.pickle after step 1 and on out-of-memory
 
 
 @dataclass

@@ -202,6 +202,12 @@ class Run:
     state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain (saved in checkpoints)
     hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
     memory: dict | None = None  # the last live footprint (harness/memory/live.py)
+    snapshot: bool = False  # recording the CUDA allocator's history (log.memory_snapshot)
+
+    def dump_snapshot(self, when: str) -> None:
+        if self.snapshot:
+            path = live_memory.dump_snapshot(Path(self.recipe.output_dir) / f"memory_snapshot_rank{self.dist.rank}.pickle")
+            self.log.message(f"memory snapshot ({when}): {path} (open it at https://pytorch.org/memory_viz)")
 
 
 def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> Run:
@@ -211,6 +217,8 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
 
     dist = distributed.init_distributed()
     t = recipe.train
+    # Before anything is allocated, so the snapshot shows the model load as well as the steps.
+    snapshot = recipe.log.memory_snapshot and live_memory.start_snapshot(dist.device)
     torch.manual_seed(t.seed)
     c = recipe.checkpoint
     stop = checkpoint.StopFlag(max_runtime_s=60 * c.max_runtime_minutes, margin_s=60 * c.exit_margin_minutes)
@@ -239,6 +247,8 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         recipe_dict=config.to_dict(recipe),
         resume_step=state["step"],
     )
+    if recipe.log.memory_snapshot and not snapshot:
+        log.message(f"log.memory_snapshot: the allocator history needs CUDA; nothing is recorded on {dist.device.type}")
     if dist.is_main:
         Path(recipe.output_dir, "recipe.yaml").write_text(config.dump_yaml(recipe))
         Path(recipe.output_dir, "ds_config.json").write_text(json.dumps(ds, indent=2))
@@ -315,7 +325,7 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         recompute_fraction=n_ckpt / n_layers,
     )
     return Run(recipe, dist, tokenizer, pad_id, train_set, val_set, sampler, engine, scheduler, log,
-               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config)
+               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config, snapshot=snapshot)
 
 
 def fit(run: Run) -> tuple[int, bool]:
@@ -329,6 +339,7 @@ def fit(run: Run) -> tuple[int, bool]:
         log.log({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.message(f"step 0: val_loss {val_loss:.4f}")
     step = state["step"]
+    first_step = step + 1  # the first step this process runs (a resumed run starts past 1)
     log.advance(step)
     flat = data.flat_batches(recipe.data, engine.module)  # one row per micro-batch (padding-free, or packing under flash-attn)
     for step in range(state["step"] + 1, t.max_steps + 1):
@@ -344,6 +355,8 @@ def fit(run: Run) -> tuple[int, bool]:
         if measured:  # after a full step: weights, grads and Adam state all exist
             run.memory = {**live_memory.footprint(engine), **phases.as_footprint()}
             log.log({"step": step, "memory": live_memory.record(run.memory)})
+        if step == first_step:
+            run.dump_snapshot(f"after step {step}")
         if step % recipe.log.every_steps == 0 or step == t.max_steps:
             record = {
                 "step": step,
@@ -410,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(recipe, precision, ds, model_cfg)
     except ConfigError as e:  # data errors are found while loading the data, still before the model
         return report_error(e)
-    last_step, stopped = fit(run)
+    try:
+        last_step, stopped = fit(run)
+    except torch.cuda.OutOfMemoryError:
+        run.dump_snapshot("out of memory")  # what was live, and which line allocated it, when memory ran out
+        raise
     if stopped:  # checkpoint written; the exit code tells the scheduler to requeue (resume: auto continues)
         run.log.message(f"stopped at step {last_step} ({run.stop.reason}); exit {checkpoint.EXIT_PREEMPTED} to be requeued")
         run.log.close()

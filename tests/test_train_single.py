@@ -88,7 +88,9 @@ def test_live_memory_footprint_and_report(tiny_llama, tmp_path):
     """ZeRO-3 QLoRA on one process: the footprint logged at step 1 and every 2 steps counts the LoRA
     optimizer state exactly (fp32 master + Adam m + v = 12 bytes per trainable parameter), and
     memory_report.md sets it beside the budget."""
-    run(tiny_llama, tmp_path, "log.memory_every_steps=2", "eval.every_steps=0")
+    proc = run(tiny_llama, tmp_path, "log.memory_every_steps=2", "eval.every_steps=0", "log.memory_snapshot=true")
+    assert "log.memory_snapshot: the allocator history needs CUDA; nothing is recorded on cpu" in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("memory_snapshot_*"))
     mem = [r for r in read_metrics(tmp_path) if "memory" in r]
     assert [r["step"] for r in mem] == [1, 2, 4]
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))

@@ -162,6 +162,25 @@ class PhasePeaks:
         return {f"peak_{name}_bytes": b for name, b in self.peaks.items()}
 
 
+SNAPSHOT_MAX_ENTRIES = 200_000  # allocator events kept (a ring): enough for a few steps of a 70B layer stack
+
+
+def start_snapshot(device: torch.device) -> bool:
+    """Start recording the CUDA caching allocator's history (every alloc / free with its Python stack),
+    for `dump_snapshot`. False on a device without one (CPU)."""
+    if device.type != "cuda":
+        return False
+    torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES)
+    return True
+
+
+def dump_snapshot(path: Path) -> Path:
+    """Write the recorded history: drag the file onto https://pytorch.org/memory_viz to see every
+    live allocation over time, by size and by the line of code that made it."""
+    torch.cuda.memory._dump_snapshot(str(path))
+    return path
+
+
 def record(fp: dict) -> dict:
     """The footprint in MiB (1 KiB resolution) for metrics.jsonl / wandb."""
     return {k.replace("_bytes", "_mib"): round(v / 2**20, 3) for k, v in fp.items()}

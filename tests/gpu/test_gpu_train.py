@@ -17,7 +17,9 @@ RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
 def test_bf16_one_gpu(tiny_llama, tmp_path, method):
     """precision=auto resolves to bf16 on CUDA; peak CUDA memory is logged."""
     launch(["--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", f"method={method}", "train.max_steps=4",
-            "eval.every_steps=0", "log.every_steps=1", "log.progress_bar=false", "deepspeed.config=ds_configs/zero0.json"], nproc=1)
+            "eval.every_steps=0", "log.every_steps=1", "log.progress_bar=false", "deepspeed.config=ds_configs/zero0.json",
+            "log.memory_snapshot=true"], nproc=1)
+    assert (tmp_path / "memory_snapshot_rank0.pickle").stat().st_size > 0  # the allocator history after step 1
     steps = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert len(steps) == 4 and all(math.isfinite(r["loss"]) for r in steps)
     assert steps[-1]["peak_allocated_gib"] > 0
