@@ -106,10 +106,19 @@ run_ranks() {  # run_ranks SCRIPT ARGS...: start SCRIPT on every rank, in the ba
   if [ "$LAUNCH_MODE" = torchrun ]; then
     # Single quotes: $SLURM_PROCID expands in each task, so every node gets its own rank. The agent
     # ignores USR1 (a torchrun agent would die of it); its workers install their own handler.
+    # Left to itself, torchrun finds both of these from the node's hostname, which fails where the
+    # name maps to 127.0.1.1 (Debian's default) or other nodes cannot resolve it:
+    # - is_host: task 0 runs on the head node and hosts the rendezvous store (otherwise no agent may
+    #   host it, and all of them time out);
+    # - local_addr: the address the workers' store is reached at, the one this node reaches the head
+    #   node from (a UDP connect sends nothing; it only picks the route).
     # shellcheck disable=SC2016
     srun --ntasks="$NNODES" --kill-on-bad-exit=1 --wait=60 --unbuffered bash -c \
-      'trap "" USR1; exec "$0" -u -m torch.distributed.run --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_PROCID" \
-         --rdzv_backend="${RDZV_BACKEND:-c10d}" --rdzv_endpoint="$3" --rdzv_id="$SLURM_JOB_ID-$4" --max_restarts=0 "${@:5}"' \
+      'trap "" USR1; is_host=false; [ "$SLURM_PROCID" != 0 ] || is_host=true
+       local_addr=$("$0" -c "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((sys.argv[1], 9)); print(s.getsockname()[0])" "${3%:*}")
+       exec "$0" -u -m torch.distributed.run --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_PROCID" \
+         --rdzv_backend="${RDZV_BACKEND:-c10d}" --rdzv_endpoint="$3" --rdzv_id="$SLURM_JOB_ID-$4" --rdzv_conf="is_host=$is_host" \
+         --local_addr="$local_addr" --max_restarts=0 "${@:5}"' \
       "$PYTHON" "$NNODES" "$NPROC_PER_NODE" "$MASTER_ADDR:$MASTER_PORT" "$RANDOM" "$@" &
   else
     srun --kill-on-bad-exit=1 --wait=60 --unbuffered "$PYTHON" -u "$@" &

@@ -4,6 +4,8 @@
 # Debian's slurmctld/slurmd/munge when missing, writes slurm.conf for this host's cores and memory,
 # starts munged, slurmctld and slurmd, and waits until the node is idle. Idempotent: a running
 # cluster is left as it is. Usage: bash tests/slurm/start_cluster.sh
+# slurm.conf also declares hnode1 and hnode2 (partition twohost), two hosts in their own network
+# namespaces that tests/slurm/start_two_hosts.sh brings up; until then they are simply not responding.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -28,7 +30,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
+SlurmdPidFile=/run/slurmd-%n.pid
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -36,24 +39,30 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
 MpiDefault=none
 KillWait=30
 JobRequeue=1
 NodeName=${host} CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+NodeName=hnode1 NodeAddr=10.77.0.11 CPUs=1 RealMemory=2048 State=UNKNOWN
+NodeName=hnode2 NodeAddr=10.77.0.12 CPUs=1 RealMemory=2048 State=UNKNOWN
+PartitionName=debug Nodes=${host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=twohost Nodes=hnode1,hnode2 MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
 )
 
-if [ "$conf" = "$(cat /etc/slurm/slurm.conf 2>/dev/null)" ] && sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+if [ "$conf" = "$(cat /etc/slurm/slurm.conf 2>/dev/null)" ] && sinfo -h -p debug -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
   echo "start_cluster: already running: $(sinfo -h -o '%N %T %c CPUs')"
   exit 0
 fi
 # Not running, or running with another configuration: (re)start everything with this one.
-pkill -x slurmd 2>/dev/null || true
+pkill -x slurmd 2>/dev/null || true  # every slurmd, the namespaced hosts' too: they read the same slurm.conf
 pkill -x slurmctld 2>/dev/null || true
-sleep 1
-mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
+for _ in $(seq 1 30); do  # a stopping slurmctld saves its state first: starting before it is gone would be skipped below
+  pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
+  sleep 1
+done
+mkdir -p /etc/slurm /var/spool/slurmctld "/var/spool/slurmd/${host}" /var/log/slurm /run/munge /var/lib/munge /var/log/munge
 printf '%s\n' "$conf" > /etc/slurm/slurm.conf
 
 if [ ! -s /etc/munge/munge.key ]; then
@@ -64,15 +73,15 @@ chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
 chmod 400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c "munged --force" || munged --force
 pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+pgrep -f "^slurmd\$" >/dev/null || slurmd  # this host's slurmd (the namespaced hosts run `slurmd -N hnodeK`)
 
 for _ in $(seq 1 60); do
-  if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed)'; then
+  if sinfo -h -p debug -o %T 2>/dev/null | grep -qE '^(idle|mixed)'; then
     echo "start_cluster: ready: $(sinfo -h -o '%N %T %c CPUs %m MB')"
     exit 0
   fi
   sleep 1
 done
 echo "start_cluster: the node did not become idle; sinfo says: $(sinfo 2>&1 | tail -n +2)" >&2
-tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+tail -n 20 /var/log/slurm/slurmctld.log "/var/log/slurm/slurmd-${host}.log" >&2 || true
 exit 1

@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import REPO, child_env, read_metrics, run_bounded, train_losses
 
 pytestmark = pytest.mark.distributed
-SCRIPTS = sorted((REPO / "slurm").rglob("*.sh")) + [REPO / "tests" / "slurm" / "start_cluster.sh"]
+SCRIPTS = sorted((REPO / "slurm").rglob("*.sh")) + sorted((REPO / "tests" / "slurm").glob("*.sh"))
 TEMPLATES = sorted((REPO / "slurm").glob("train_*.sh"))
 REQUIRED = ("--job-name", "--nodes", "--ntasks-per-node", "--time", "--signal", "--requeue", "--open-mode", "--output")
 
@@ -65,6 +65,16 @@ def cluster():
     print(proc.stdout.strip())
 
 
+@pytest.fixture(scope="module")
+def two_hosts(cluster):
+    """hnode1 and hnode2: slurmds in their own network and UTS namespaces (tests/slurm/start_two_hosts.sh)."""
+    proc = run_bounded(["bash", str(REPO / "tests" / "slurm" / "start_two_hosts.sh")], child_env(), 300)
+    if proc.returncode == 4:  # a sandbox without network namespaces or bridges (this one and CI's have both)
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(proc.stdout.strip())
+
+
 def submit(template: str, tmp_path: Path, overrides: list[str], sbatch_args: list[str], **env) -> str:
     """sbatch the unmodified template; CPU-sized resources and tiny-model overrides only."""
     cmd = ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=1", "--gpus-per-node=0", "--time=00:30:00",
@@ -75,11 +85,11 @@ def submit(template: str, tmp_path: Path, overrides: list[str], sbatch_args: lis
 
 
 def slurmd_log_tail(lines: int = 15) -> str:
-    """What slurmd said (a job that dies before its script runs, e.g. unopenable output, logs only here)."""
-    try:
-        return "\n--- slurmd.log\n" + "\n".join(Path("/var/log/slurm/slurmd.log").read_text().splitlines()[-lines:])
-    except OSError:
-        return ""
+    """What the slurmds said (a job that dies before its script runs, e.g. unopenable output, logs only there)."""
+    tails = []
+    for log in sorted(Path("/var/log/slurm").glob("slurmd-*.log")):
+        tails.append(f"\n--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+    return "".join(tails)
 
 
 def job_field(job: str, field: str) -> str:
@@ -164,3 +174,22 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny_llama, tmp_pa
     assert steps_logged == list(range(1, steps + 1))  # every step once: nothing lost, nothing repeated
     print(f"USR1 after step {signalled_after}; checkpoint at step {saved_step}; requeued; resumed and finished {steps} steps")
     assert json.loads((out / "checkpoints" / saved[0].name / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_two_hosts_with_their_own_network_stacks(two_hosts, tiny_llama, tmp_path):
+    """train_70b.sh on 2 Slurm hosts whose ranks share no network stack (one netns each, linked by a
+    bridge): each host's name resolves to 127.0.1.1 there, so launch.sh must fall back to the head's
+    routable address; gloo uses eth0 as slurm/env/default.sh tells a site to set. Rendezvous, the
+    pre-flight join and all-reduce, and training all cross the network."""
+    out = tmp_path / "run"
+    job = submit("train_70b.sh", tmp_path, tiny_overrides(tiny_llama, out, 4, **{"checkpoint.every_steps": 2}),
+                 ["--partition=twohost", "--nodes=2", "--ntasks-per-node=1"], LAUNCH_MODE="torchrun", GLOO_SOCKET_IFNAME="eth0")
+    state = wait_until(lambda: finished(job), 600, f"job {job} to finish", tmp_path / "x.out")
+    log = next(tmp_path.glob("*.out")).read_text()
+    assert state == "COMPLETED", log[-5000:] + slurmd_log_tail()
+    assert "torchrun: 2 node(s) x 1 process(es) = world size 2; rendezvous 10.77.0.11:" in log, log[-3000:]
+    assert "preflight: all 2 nodes joined" in log
+    assert re.search(r"preflight: 2 ranks on 2 hosts \(.*hnode1.*hnode2", log), log[-3000:]
+    assert "world_size=2" in log and len(train_losses(out)) == 4
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / f"exit-{job}").read_text().strip() == "0"
