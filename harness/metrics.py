@@ -48,11 +48,15 @@ def train_flops_per_token(
 
 
 def peak_memory_gib(device: torch.device) -> dict:
-    """Peak memory so far: CUDA allocator on GPU, process peak RSS on CPU (ru_maxrss is KiB on Linux)."""
-    out = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    """Peak memory so far: CUDA allocator on GPU, process peak RSS on CPU. Lifetime peaks, kept across
+    the per-phase resets of harness/memory/live.py (ru_maxrss, in KiB, is the fallback off Linux)."""
+    from harness.memory import live
+
+    rss_bytes = live.peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = {"peak_rss_gib": rss_bytes / 2**30}
     if device.type == "cuda":
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        out["peak_allocated_gib"] = live.cuda_peak_bytes("allocated") / 2**30
+        out["peak_reserved_gib"] = live.cuda_peak_bytes("reserved") / 2**30
     return out
 
 

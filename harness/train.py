@@ -202,12 +202,6 @@ class Run:
     state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain (saved in checkpoints)
     hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
     memory: dict | None = None  # the last live footprint (harness/memory/live.py)
-    snapshot: bool = False  # recording the CUDA allocator's history (log.memory_snapshot)
-
-    def dump_snapshot(self, when: str) -> None:
-        if self.snapshot:
-            path = live_memory.dump_snapshot(Path(self.recipe.output_dir) / f"memory_snapshot_rank{self.dist.rank}.pickle")
-            self.log.message(f"memory snapshot ({when}): {path} (open it at https://pytorch.org/memory_viz)")
 
 
 def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> Run:
@@ -325,7 +319,7 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         recompute_fraction=n_ckpt / n_layers,
     )
     return Run(recipe, dist, tokenizer, pad_id, train_set, val_set, sampler, engine, scheduler, log,
-               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config, snapshot=snapshot)
+               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config)
 
 
 def fit(run: Run) -> tuple[int, bool]:
@@ -356,7 +350,7 @@ def fit(run: Run) -> tuple[int, bool]:
             run.memory = {**live_memory.footprint(engine), **phases.as_footprint()}
             log.log({"step": step, "memory": live_memory.record(run.memory)})
         if step == first_step:
-            run.dump_snapshot(f"after step {step}")
+            dump_memory_snapshot(recipe.output_dir, f"after step {step}", log.message)
         if step % recipe.log.every_steps == 0 or step == t.max_steps:
             record = {
                 "step": step,
@@ -423,10 +417,13 @@ def main(argv: list[str] | None = None) -> int:
         run = setup(recipe, precision, ds, model_cfg)
     except ConfigError as e:  # data errors are found while loading the data, still before the model
         return report_error(e)
+    except torch.cuda.OutOfMemoryError:  # loading or deepspeed.initialize: what was live, and who allocated it
+        dump_memory_snapshot(recipe.output_dir, "out of memory while loading", lambda m: print(m, file=sys.stderr, flush=True))
+        raise
     try:
         last_step, stopped = fit(run)
     except torch.cuda.OutOfMemoryError:
-        run.dump_snapshot("out of memory")  # what was live, and which line allocated it, when memory ran out
+        dump_memory_snapshot(recipe.output_dir, "out of memory", run.log.message)
         raise
     if stopped:  # checkpoint written; the exit code tells the scheduler to requeue (resume: auto continues)
         run.log.message(f"stopped at step {last_step} ({run.stop.reason}); exit {checkpoint.EXIT_PREEMPTED} to be requeued")
@@ -443,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     run.log.close()
     distributed.shutdown()
     return 0
+
+
+def dump_memory_snapshot(output_dir: str, when: str, say) -> None:
+    """With log.memory_snapshot on CUDA: this rank's allocator history, for https://pytorch.org/memory_viz."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    path = live_memory.dump_snapshot(Path(output_dir) / f"memory_snapshot_rank{rank}.pickle")
+    if path is not None:
+        say(f"memory snapshot ({when}): {path} (open it at https://pytorch.org/memory_viz)")
 
 
 def write_memory_report(run: Run, step: int) -> None:

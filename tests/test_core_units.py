@@ -212,3 +212,23 @@ def test_exit_process_flushes_the_streams_and_keeps_the_code():
     assert proc.returncode == 75
     assert proc.stdout == "last words"
     assert proc.stderr.endswith("on stderr")
+
+
+def test_phase_resets_keep_the_lifetime_peak():
+    """The per-phase peaks reset the RSS high-water mark (and on CUDA the allocator's peak): the
+    lifetime peak that metrics.jsonl and the footprint report must survive the resets."""
+    import gc
+
+    from harness import metrics
+    from harness.memory import live
+
+    if live.peak_rss_bytes() is None or not live.reset_peak_rss():
+        pytest.skip("no VmHWM / clear_refs (Linux only)")
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del big
+    gc.collect()
+    lifetime_before = live.peak_rss_bytes()
+    assert live.reset_peak_rss()
+    assert live.peak_rss_bytes(since_reset=True) <= lifetime_before
+    assert live.peak_rss_bytes() >= lifetime_before  # kept across the reset
+    assert metrics.peak_memory_gib(torch.device("cpu"))["peak_rss_gib"] * 2**30 >= lifetime_before

@@ -257,6 +257,7 @@ def make_model(args, model_dir: Path, shape: list[str]) -> bool:
         progress(f"reusing the model in {model_dir} (same shape)")
         return True
     progress(f"making a random model like {args.like}: {' '.join(shape)}")
+    stamp.unlink(missing_ok=True)  # a remake that fails half-way must not pass for the old model
     made = subprocess.run([sys.executable, "tools/make_tiny_model.py", "--like", args.like, "--out", str(model_dir), *shape],
                           cwd=REPO, env=bench_env(), capture_output=True, text=True)
     if made.returncode != 0:
@@ -321,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if name != "harness" and runs.get("harness", {}).get("rc", 0) != 0:
             break  # the harness run failed: reported below
-        shutil.rmtree(out_dirs[name], ignore_errors=True)  # a stale run's checkpoints would be resumed (resume: auto)
+        # A run cut off (e.g. at a device call's time limit) must not be reused later as the complete one
+        # recorded before; and a stale run's checkpoints would be resumed (resume: auto).
+        (work / f"{name}.run.json").unlink(missing_ok=True)
+        shutil.rmtree(out_dirs[name], ignore_errors=True)
         script, script_args = commands[name]
         runs[name] = launch(name, script, script_args, work, out_dirs[name] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
         (work / f"{name}.run.json").write_text(json.dumps({**runs[name], "setting": setting}))

@@ -86,7 +86,7 @@ def footprint(engine) -> dict:
     accounted = sum(out.values())
     if torch.cuda.is_available():
         out["allocated_bytes"] = torch.cuda.memory_allocated()
-        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        out["peak_allocated_bytes"] = cuda_peak_bytes("allocated")
         out["other_at_peak_bytes"] = max(0, out["peak_allocated_bytes"] - accounted)
     else:
         out["peak_rss_bytes"] = peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -94,6 +94,20 @@ def footprint(engine) -> dict:
 
 
 _rss_peak_before_resets = 0  # VmHWM folded in before each reset, so resets never lose the lifetime peak
+_cuda_peaks_before_resets = {"allocated": 0, "reserved": 0}  # the same for the CUDA allocator's peaks
+
+
+def reset_cuda_peak() -> None:
+    """Reset the CUDA allocator's peak (for one phase), first folding it into the lifetime peaks."""
+    _cuda_peaks_before_resets["allocated"] = max(_cuda_peaks_before_resets["allocated"], torch.cuda.max_memory_allocated())
+    _cuda_peaks_before_resets["reserved"] = max(_cuda_peaks_before_resets["reserved"], torch.cuda.max_memory_reserved())
+    torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_peak_bytes(kind: str = "allocated") -> int:
+    """The CUDA allocator's lifetime peak, `allocated` or `reserved`, across the per-phase resets."""
+    now = torch.cuda.max_memory_allocated() if kind == "allocated" else torch.cuda.max_memory_reserved()
+    return max(now, _cuda_peaks_before_resets[kind])
 
 
 def _vmhwm_bytes() -> int | None:
@@ -148,7 +162,7 @@ class PhasePeaks:
             yield
             return
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
+            reset_cuda_peak()
         else:
             reset_peak_rss()
         try:
@@ -163,20 +177,27 @@ class PhasePeaks:
 
 
 SNAPSHOT_MAX_ENTRIES = 200_000  # allocator events kept (a ring): enough for a few steps of a 70B layer stack
+_snapshot_recording = False
 
 
 def start_snapshot(device: torch.device) -> bool:
-    """Start recording the CUDA caching allocator's history (every alloc / free with its Python stack),
-    for `dump_snapshot`. False on a device without one (CPU)."""
+    """Start recording the CUDA caching allocator's history (every alloc / free with its Python stack;
+    Python frames only, which keeps the cost per allocation small), for `dump_snapshot`. False on a
+    device without one (CPU)."""
+    global _snapshot_recording
     if device.type != "cuda":
         return False
-    torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES)
+    torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES, stacks="python")
+    _snapshot_recording = True
     return True
 
 
-def dump_snapshot(path: Path) -> Path:
-    """Write the recorded history: drag the file onto https://pytorch.org/memory_viz to see every
-    live allocation over time, by size and by the line of code that made it."""
+def dump_snapshot(path: Path) -> Path | None:
+    """Write the recorded history, if recording (else None): drag the file onto
+    https://pytorch.org/memory_viz to see every live allocation over time, by size and by the line of
+    code that made it."""
+    if not _snapshot_recording:
+        return None
     torch.cuda.memory._dump_snapshot(str(path))
     return path
 

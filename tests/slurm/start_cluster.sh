@@ -62,6 +62,9 @@ for _ in $(seq 1 30); do  # a stopping slurmctld saves its state first: starting
   pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break
   sleep 1
 done
+pkill -KILL -x slurmctld 2>/dev/null || true  # still there after 30 s: stop waiting for it
+pkill -KILL -x slurmd 2>/dev/null || true
+sleep 1
 mkdir -p /etc/slurm /var/spool/slurmctld "/var/spool/slurmd/${host}" /var/log/slurm /run/munge /var/lib/munge /var/log/munge
 printf '%s\n' "$conf" > /etc/slurm/slurm.conf
 
