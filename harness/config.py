@@ -107,8 +107,13 @@ class TrainConfig:
 class EvalConfig:
     every_steps: int = 50  # eval at step 0, every N steps and at the end; 0 disables eval
     max_samples: int = 0  # evaluate on the first N validation samples (all ranks together); 0 = all
+    batch_size: int = 0  # validation samples per rank per forward; 0 = train.micro_batch_size (its logits are batch x seq x vocab)
     early_stopping_patience: int = 0  # stop after this many evals without improvement; 0 = off
     early_stopping_min_delta: float = 0.0
+    generate_samples: int = 0  # with each eval, greedy answers to the first N validation prompts, scored by exact match; 0 = off
+    max_new_tokens: int = 32  # longest greedy answer, in tokens
+    generate_batch_size: int = 16  # prompts per generate() call on a rank (left-padded)
+    generate_gather: bool = True  # ZeRO-3: gather the whole model on each rank for generation (fast); false: layer by layer per token
 
 
 @dataclass
@@ -457,6 +462,14 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _choice(c.verify, ("sha256", "size"), "checkpoint.verify")
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ConfigError(f"checkpoint.resume '{c.resume}' is not a directory; use auto, none or a checkpoints/step_N directory")
+    e = recipe.eval
+    if e.batch_size < 0:
+        raise ConfigError(f"eval.batch_size must be >= 0 (0 = train.micro_batch_size), got {e.batch_size}")
+    if e.generate_samples < 0 or e.max_new_tokens < 1 or e.generate_batch_size < 1:
+        raise ConfigError(f"eval.generate_samples must be >= 0, eval.max_new_tokens and eval.generate_batch_size >= 1; got "
+                          f"{e.generate_samples}, {e.max_new_tokens} and {e.generate_batch_size}")
+    if e.generate_samples and e.every_steps <= 0:
+        raise ConfigError("eval.generate_samples answers prompts at each eval, but eval.every_steps=0 turns eval off; set eval.every_steps")
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_steps / every_minutes must be >= 0 and checkpoint.keep_last >= 1")
 

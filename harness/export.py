@@ -115,6 +115,18 @@ def _training_model(recipe: config.Recipe):
                                 lora_targets=lo.target_modules, seed=recipe.train.seed)
 
 
+def _quantised_base(recipe: config.Recipe):
+    """The base model quantised as training quantised it (plain from_pretrained), fp32 on CPU, in
+    bitsandbytes' standard layout (the logits checks run in eval mode, where it would repack them)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
+                                                quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
+                                                device_map={"": "cpu"})
+    model_lib.keep_standard_4bit_layout(base)
+    return base
+
+
 def _put_weights(model, state: dict[str, torch.Tensor], what: str) -> None:
     """Copy `state` into `model` by parameter name; every tensor must land, and for LoRA every lora_
     weight of the model must be covered."""
@@ -200,10 +212,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
         adapted.save_pretrained(str(out), safe_serialization=True)
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
-                                                    quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
-                                                    device_map={"": "cpu"})
-        reloaded = PeftModel.from_pretrained(base, str(out))
+        reloaded = PeftModel.from_pretrained(_quantised_base(recipe), str(out))
         report["reload_max_diff"] = compare("base + reloaded adapter vs checkpoint weights", logits(reloaded, ids), want, log)
         return report
 
@@ -211,9 +220,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
     del adapted
     import peft
 
-    base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
-                                                quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
-                                                device_map={"": "cpu"})
+    base = _quantised_base(recipe)
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=torch.float32)
     lo = recipe.lora

@@ -75,6 +75,31 @@ def quantization_config(method: str, compute_dtype: torch.dtype):
     )
 
 
+def keep_standard_4bit_layout(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place; returns the number of 4-bit layers.
+
+    bitsandbytes >= 0.48 on a CPU with AVX512-BF16 rewrites a `Linear4bit` weight into a CPU-only layout
+    at its first forward in eval mode on an input without grad (`support_avx512bf16_for_cpu`, read from
+    the CPU at construction). From then on the layer computes through `gemv_4bit`, which has no
+    autograd (every adapter below gets a wrong gradient), ZeRO-3 re-gathers the original bytes under a
+    quant state that says "packed" (a garbage loss), and `state_dict()` asserts. An eval pass must not
+    change the model, so every 4-bit layer the harness builds keeps the standard layout on every CPU.
+    """
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit (and its subclasses)
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def assert_standard_4bit_layout(model: torch.nn.Module) -> None:
+    """Internal invariant: no 4-bit weight has been repacked (see keep_standard_4bit_layout)."""
+    for name, module in model.named_modules():
+        qs = getattr(getattr(module, "weight", None), "quant_state", None)
+        assert not getattr(qs, "packing_format_for_cpu", False), f"{name}: bitsandbytes repacked this 4-bit weight in place"
+
+
 def load_model(
     path: str,
     *,
@@ -119,6 +144,7 @@ def load_model(
                 # bitsandbytes quantises while placing weights on the device.
                 kwargs["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    keep_standard_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
 
     if method == "full":

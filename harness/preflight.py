@@ -22,7 +22,10 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script by a launcher: make `harness` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # and take harness/ itself off sys.path, where our modules would shadow installed ones (see train.py)
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 
 def join(nodes: int, node_rank: int, addr: str, port: int, timeout_s: float, hosts: list[str]) -> int:

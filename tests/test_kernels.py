@@ -255,7 +255,7 @@ def test_patcher_refuses_what_it_cannot_patch():
 
 
 def test_recipe_key_is_validated(tiny_llama, tmp_path):
-    recipe_path = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+    recipe_path = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
     base = [f"model.path={tiny_llama}"]
     assert config.load_recipe(recipe_path, base).kernels == []
     for good in ("kernels=all", "kernels=[rmsnorm, linear_cross_entropy]", "kernels=rope"):

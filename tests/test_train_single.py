@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import REPO, launch, read_metrics, child_env
 
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_rank", "tokens_seen", "elapsed_s", "peak_rss_gib"}
 
 

@@ -86,7 +86,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def run_train(model: Path, data_path: Path, out: Path, args, overrides: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count() or 1), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                WANDB_MODE="disabled", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, str(REPO / "harness" / "train.py"), "--config", str(REPO / "harness" / "recipes" / "demo_qlora.yaml"),
+    cmd = [sys.executable, str(REPO / "harness" / "train.py"), "--config", str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"),
            f"model.path={model}", f"output_dir={out}", "method=lora", "deepspeed.config=ds_configs/zero0.json",
            "train.gradient_checkpointing=none", f"train.max_steps={args.steps}", "train.warmup_steps=1", "eval.every_steps=0",
            "log.every_steps=1", "log.progress_bar=false", f"data.seq_len={args.seq_len}", "data.val_path=",

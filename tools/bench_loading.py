@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         out = a.work / f"probe_{loader}_{a.method}"
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(a.nproc), "--master_port", str(free_port()),
                str(REPO / "tests" / "distributed" / "loading_probe.py"), str(out), "--config",
-               str(REPO / "harness" / "recipes" / "demo_qlora.yaml"), f"model.path={model_dir}", f"model.loader={loader}",
+               str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"), f"model.path={model_dir}", f"model.loader={loader}",
                f"method={a.method}", f"output_dir={a.work / 'run'}", "data.seq_len=64", "--no-compare"]
         print(f"{loader}: loading on {a.nproc} ranks ...", flush=True)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = "harness/recipes/demo_qlora.yaml"
+DEFAULT_RECIPE = "harness/recipes/tiny_qlora.yaml"
 RUN_NAMES = ("harness", "hf", "harness+k", "hf+liger")
 STDERR_TAIL_LINES = 60
 

@@ -13,7 +13,7 @@ ASSETS = REPO / "harness" / "assets"
 
 
 def args(model, out, cache, *extra) -> list[str]:
-    return ["--config", str(REPO / "harness" / "recipes" / "demo_qlora.yaml"), f"model.path={model}", f"output_dir={out}",
+    return ["--config", str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"), f"model.path={model}", f"output_dir={out}",
             f"data.cache_dir={cache}", "method=full", "train.lr=1e-3", "train.max_steps=4", "train.warmup_steps=1",
             "train.micro_batch_size=2", "train.global_batch_size=8", "train.gradient_checkpointing=none", "eval.every_steps=0",
             "log.every_steps=1", "log.progress_bar=false", "data.packing=true", "data.val_path=",

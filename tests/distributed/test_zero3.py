@@ -18,7 +18,7 @@ from tests.helpers import REPO, launch, train_losses
 
 pytestmark = pytest.mark.distributed
 
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 PROBE = str(REPO / "tests" / "distributed" / "probe_run.py")
 
 

@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import REPO, launch, read_metrics
 
 pytestmark = pytest.mark.gpu
-RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])

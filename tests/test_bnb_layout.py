@@ -1,0 +1,98 @@
+"""No library changes a 4-bit weight behind the harness's back: an eval-mode forward leaves every
+`Linear4bit` the harness builds (both loaders, the export's base) as it was, on any CPU.
+
+bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel at the first eval-mode
+forward when the CPU has AVX512-BF16 (harness/model.py: keep_standard_4bit_layout). Each test here
+forces that path (`has_avx512bf16` patched to True where `Linear4bit` reads it) so it bites on every
+machine, and checks the consequences the bug had: changed outputs, a lost input gradient, a changed
+weight and a `state_dict()` that asserts.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import export
+from harness import model as model_lib
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+
+@pytest.fixture
+def forced_repack_path(monkeypatch):
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def _qlora(path, loader):
+    return model_lib.load_model(str(path), method="qlora", precision="fp32", attn_implementation="sdpa",
+                                device=torch.device("cpu"), zero3=False, loader=loader, lora_dropout=0.0, lora_r=8, lora_alpha=16)
+
+
+def _tiny_recipe(path):
+    from harness import config
+
+    return config.load_recipe(None, [f"model.path={path}", "method=qlora", "data.sources=[]"])
+
+
+BUILDERS = {
+    "hf-loader": lambda path: _qlora(path, "hf"),
+    "streamed-loader": lambda path: _qlora(path, "streamed"),
+    "export-base": lambda path: export._quantised_base(_tiny_recipe(path)),
+}
+
+
+def _bytes(layer) -> torch.Tensor:
+    """The packed weight as bytes (as floats, packed codes include NaN patterns, which equal nothing)."""
+    return layer.weight.data.contiguous().view(torch.uint8).clone()
+
+
+def _4bit_layers(model):
+    return [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+
+
+@pytest.mark.parametrize("builder", list(BUILDERS))
+def test_an_eval_pass_changes_nothing(tiny_llama, forced_repack_path, builder):
+    model = BUILDERS[builder](tiny_llama)
+    layers = _4bit_layers(model)
+    assert layers, "no 4-bit layer was built"
+    weights = {id(m): _bytes(m) for m in layers}
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    model.train()
+    train_logits = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():  # the eval pass that used to repack
+        eval_logits = [model(input_ids=ids).logits for _ in range(2)]
+
+    for m in layers:
+        assert not getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        assert torch.equal(_bytes(m), weights[id(m)])
+    assert torch.equal(eval_logits[0], eval_logits[1])
+    torch.testing.assert_close(eval_logits[0], train_logits, rtol=0, atol=1e-5)
+    model.state_dict()  # asserted in bitsandbytes after a repack with non-uint8 storage
+
+    # The input gradient still flows through every 4-bit layer after the eval pass: the adapters of the
+    # first layer (below 2 x 4-bit attention + MLP blocks) get a gradient.
+    if builder == "export-base":
+        return
+    model.train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 at init would make A's gradient 0 anyway
+    model(input_ids=ids).logits.float().square().mean().backward()
+    first = [p for n, p in model.named_parameters() if ".layers.0." in n and "lora_A" in n]
+    assert first and all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in first)
+
+
+def test_the_guard_is_what_keeps_the_layout(tiny_llama, forced_repack_path, monkeypatch):
+    """Control: with the guard switched off the forced path does repack (the test above can fail)."""
+    monkeypatch.setattr(model_lib, "keep_standard_4bit_layout", lambda model: 0)
+    model = _qlora(tiny_llama, "hf")
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _4bit_layers(model))
