@@ -462,14 +462,6 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _choice(c.verify, ("sha256", "size"), "checkpoint.verify")
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ConfigError(f"checkpoint.resume '{c.resume}' is not a directory; use auto, none or a checkpoints/step_N directory")
-    e = recipe.eval
-    if e.batch_size < 0:
-        raise ConfigError(f"eval.batch_size must be >= 0 (0 = train.micro_batch_size), got {e.batch_size}")
-    if e.generate_samples < 0 or e.max_new_tokens < 1 or e.generate_batch_size < 1:
-        raise ConfigError(f"eval.generate_samples must be >= 0, eval.max_new_tokens and eval.generate_batch_size >= 1; got "
-                          f"{e.generate_samples}, {e.max_new_tokens} and {e.generate_batch_size}")
-    if e.generate_samples and e.every_steps <= 0:
-        raise ConfigError("eval.generate_samples answers prompts at each eval, but eval.every_steps=0 turns eval off; set eval.every_steps")
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_steps / every_minutes must be >= 0 and checkpoint.keep_last >= 1")
 
@@ -527,6 +519,34 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError("data.packing and data.padding_free are alternatives; set one of them")
     if d.group_by_length and d.packing:
         raise ConfigError("data.group_by_length does nothing with data.packing (every packed row is seq_len long); remove one")
+    _validate_eval(recipe)
+
+
+def _validate_eval(recipe: Recipe) -> None:
+    e, d = recipe.eval, recipe.data
+    if e.batch_size < 0:
+        raise ConfigError(f"eval.batch_size must be >= 0 (0 = train.micro_batch_size), got {e.batch_size}")
+    if e.generate_samples < 0:
+        raise ConfigError(f"eval.generate_samples must be >= 0 (0 = no greedy answers), got {e.generate_samples}")
+    if not e.generate_samples:
+        return
+    if e.max_new_tokens < 1:
+        raise ConfigError(f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
+    if e.generate_batch_size < 1:
+        raise ConfigError(f"eval.generate_batch_size must be >= 1, got {e.generate_batch_size}")
+    if e.every_steps <= 0:
+        raise ConfigError("eval.generate_samples answers prompts at each eval, but eval.every_steps=0 turns eval off; set eval.every_steps")
+    if not (d.val_path or d.val_fraction > 0 or any(src.val_path for src in d.sources)):
+        raise ConfigError("eval.generate_samples answers validation prompts, but there is no validation data; "
+                          "set data.val_path or data.val_fraction, or eval.generate_samples=0")
+    # An answer is scored against what follows its prompt; where every token is learned there is no prompt.
+    if d.train_on_inputs:
+        raise ConfigError("eval.generate_samples scores the answer after each prompt, but data.train_on_inputs=true learns the "
+                          "prompt too (no prompt is left to answer); set one of them off")
+    for i, src in enumerate(d.sources):
+        if src.format == "text":
+            raise ConfigError(f"eval.generate_samples scores the answer after each prompt; data.sources.{i} has format 'text', "
+                              "which has no prompt; use alpaca, completion or chat data, or eval.generate_samples=0")
 
 
 def resolve_precision(precision: str, on_cuda: bool) -> str:

@@ -3,9 +3,11 @@
 A validation sample is (input_ids, targets) with -100 on the prompt (harness/data). Its prompt is
 every token before the first learned one, and its expected answer is the first run of learned tokens,
 decoded without special tokens (so the EOS that ends an answer is not part of it). The model answers
-each prompt greedily until EOS or `max_new_tokens`; an answer is correct when it equals the expected
-one after stripping surrounding whitespace. This works for every data format: for chat it is the
-first assistant turn.
+each prompt greedily until an end token (the tokenizer's EOS, the model's generation-config EOS ids,
+and the special token that ends the expected answers, such as a chat template's end of turn) or
+`max_new_tokens`; an answer is correct when it equals the expected one after stripping surrounding
+whitespace. That needs a prompt: formats alpaca, completion and chat (the first assistant turn);
+config.validate refuses `text` and `train_on_inputs`, where every token is learned.
 
 Batching does not depend on the world size: samples are cut into batches of `batch_size`
 consecutive prompts (left-padded), and batch k runs on rank k % world_size. The answers are then the
@@ -45,8 +47,7 @@ def split_prompt(sample) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids, expected answer ids) of a validation sample. targets[t] is the token at t + 1."""
     ids, targets = sample[0], sample[1]
     learned = (targets != IGNORE_INDEX).nonzero().flatten()
-    if not len(learned):
-        raise ValueError("a validation sample has no learned tokens")
+    assert len(learned), "the data pipeline drops samples without learned tokens"
     first = int(learned[0])
     gaps = (learned[1:] - learned[:-1] != 1).nonzero().flatten()
     last = int(learned[gaps[0]]) if len(gaps) else int(learned[-1])
@@ -54,11 +55,23 @@ def split_prompt(sample) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def batches(num_samples: int, batch_size: int, world_size: int, rank: int) -> list[tuple[list[int], bool]]:
-    """This rank's generation batches as (sample indices, counts): consecutive groups of batch_size,
+    """This rank's generation batches as (sample indices, is_real): consecutive groups of batch_size,
     batch k on rank k % world_size; every rank gets the same number, filler ones repeat batch 0."""
     groups = [list(range(a, min(a + batch_size, num_samples))) for a in range(0, num_samples, batch_size)]
     per_rank = -(-len(groups) // world_size)
     return [(groups[k], True) if k < len(groups) else (groups[0], False) for k in range(rank, per_rank * world_size, world_size)]
+
+
+def end_tokens(model, tokenizer, expected: list[torch.Tensor]) -> list[int]:
+    """Token ids that end an answer: the tokenizer's EOS, the model's generation-config EOS ids (Llama 3
+    chat ends a turn with <|eot_id|>, not its EOS), and the special tokens the expected answers end with."""
+    ids = set()
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, config_eos):
+        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    special = set(tokenizer.all_special_ids)
+    ids.update(int(e[-1]) for e in expected if len(e) and int(e[-1]) in special)
+    return sorted(ids)
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +83,15 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
         ids[i, width - len(p):] = p
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+_HOOK_API = ("_remove_module_hooks", "setup_zero_stage3_hooks", "forward_hooks", "backward_hooks")  # DeepSpeed 0.19
+
+
+def can_gather(engine) -> bool:
+    """Whether this DeepSpeed has the ZeRO-3 hook API whole_model_gathered switches off and on again."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    return offload is not None and all(hasattr(offload, a) for a in _HOOK_API)
 
 
 @contextlib.contextmanager
@@ -106,10 +128,11 @@ def zero3_step_per_forward(engine):
     whose forward `generate` skips), so its prefetch trace stays one forward long."""
     root = engine.module
     inner = root.get_base_model() if hasattr(root, "get_base_model") else root
-    if inner is root:
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    if inner is root or not hasattr(offload, "get_param_coordinator"):
         yield
         return
-    coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+    coordinator = offload.get_param_coordinator()
     handle = inner.register_forward_pre_hook(lambda _module, _args: coordinator.reset_step(), prepend=True)
     try:
         yield
@@ -124,13 +147,16 @@ def greedy_answers(model, tokenizer, samples, *, count: int, batch_size: int, ma
     `synced`: ZeRO-3 across ranks). `model` is a transformers / peft causal LM in eval mode."""
     count = min(count, len(samples))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop = end_tokens(model, tokenizer, [split_prompt(samples[i])[1] for i in range(count)])
     out = []
-    for idx, counts in batches(count, batch_size, world_size, rank):
+    for idx, is_real in batches(count, batch_size, world_size, rank):
+        if not (is_real or synced):  # a filler batch only keeps ZeRO-3's collective gathers in step
+            continue
         split = [split_prompt(samples[i]) for i in idx]
         ids, mask = left_pad([p for p, _ in split], pad_id)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=synced)
-        if not counts:
+                             pad_token_id=pad_id, eos_token_id=stop, use_cache=True, synced_gpus=synced)
+        if not is_real:
             continue
         for i, (prompt, expected), row in zip(idx, split, gen[:, ids.shape[1]:].cpu()):
             out.append(Answer(i, tokenizer.decode(prompt, skip_special_tokens=True),

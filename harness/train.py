@@ -4,9 +4,9 @@
     deepspeed --num_gpus 8 harness/train.py --config harness/recipes/llama3_8b_qlora.yaml
     # the same under torchrun, or as one plain process
     torchrun --nproc_per_node 8 harness/train.py --config harness/recipes/llama3_8b_qlora.yaml
-    python harness/train.py --config harness/recipes/demo_qlora.yaml train.max_steps=10
+    python harness/train.py --config harness/recipes/tiny_qlora.yaml train.max_steps=10
     # print the resolved recipe and DeepSpeed config, load nothing
-    python harness/train.py --config harness/recipes/demo_qlora.yaml --dry-run
+    python harness/train.py --config harness/recipes/tiny_qlora.yaml --dry-run
 
 Overrides are `dotted.key=value` (YAML-typed) and win over the recipe file, which wins over defaults.
 Exit codes: 0 done, 2 bad recipe / input (one line on stderr naming the problem and the fix).
@@ -84,10 +84,12 @@ def check_memory_budget(recipe: config.Recipe, world_size: int, device_memory_by
 
     budget = memory.budget_for_recipe(recipe, world_size, device_memory_bytes)
     if budget.fits is False:
+        fix = {"generate": "Lower eval.generate_batch_size or set eval.generate_gather=false (generation is the peak)",
+               "eval": "Lower eval.batch_size (the validation forward is the peak)"}.get(
+            budget.peak_phase, "Lower train.micro_batch_size or data.seq_len, use train.gradient_checkpointing=full, more GPUs or an offload config")
         raise ConfigError(f"the memory budget says this run does not fit in {device_memory_bytes / 2**30:.1f} GiB per GPU:\n"
                           f"{report.text_table(budget)}\n"
-                          "Lower train.micro_batch_size or data.seq_len, use train.gradient_checkpointing=full, more GPUs or "
-                          "an offload config (tools/memory_budget.py searches for what fits); train.memory_check=false tries anyway.")
+                          f"{fix} (tools/memory_budget.py searches for what fits); train.memory_check=false tries anyway.")
 
 
 def build_optimizer(params: list, recipe: config.Recipe, ds: dict):
@@ -195,7 +197,9 @@ def answer_eval(run: "Run", step: int) -> float:
     output_dir/answers/step_N.jsonl. Returns the rate (the same on every rank)."""
     recipe, dist, engine = run.recipe, run.dist, run.engine
     zero3 = engine.zero_optimization_stage() == 3
-    gather = zero3 and recipe.eval.generate_gather
+    gather = zero3 and recipe.eval.generate_gather and generation.can_gather(engine)
+    if zero3 and recipe.eval.generate_gather and not gather and step == 0:
+        run.log.message("eval.generate_gather: this DeepSpeed lacks the ZeRO-3 hook API it uses; generating layer by layer")
     engine.eval()
     with (generation.whole_model_gathered(engine) if gather else
           generation.zero3_step_per_forward(engine) if zero3 else contextlib.nullcontext()):
@@ -240,7 +244,7 @@ class Run:
     flops_per_token: float
     peak_flops: float
     stop: checkpoint.StopFlag
-    state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain (saved in checkpoints)
+    state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain, exact_match_step0 and exact_match (saved in checkpoints)
     hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
     memory: dict | None = None  # the last live footprint (harness/memory/live.py)
 
@@ -435,7 +439,7 @@ def fit(run: Run) -> tuple[int, bool]:
             log.message(f"checkpoint {path} ({'stop: ' + run.stop.reason if stopping else 'periodic'})")
         if stopping and step < t.max_steps:
             return step, True
-    if "exact_match_step0" in state and "exact_match" in state:
+    if recipe.eval.generate_samples and "exact_match_step0" in state and "exact_match" in state:
         log.message(f"exact match on {min(len(run.val_set), recipe.eval.generate_samples)} held-out prompts: "
                     f"{100 * state['exact_match_step0']:.1f}% before training -> {100 * state['exact_match']:.1f}% after step {step}")
     return step, False

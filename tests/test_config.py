@@ -322,3 +322,30 @@ def test_ds_json_is_read_as_json(tiny_llama, tmp_path):
     own = tmp_path / "mine.json"
     own.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     check(tiny_llama, tmp_path, f"deepspeed.config={own}")
+
+
+VAL = "data.val_fraction=0.1"
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["eval.generate_samples=-1"], ["eval.generate_samples", ">= 0"]),
+        ([VAL, "eval.generate_samples=8", "eval.max_new_tokens=0"], ["eval.max_new_tokens", ">= 1"]),
+        ([VAL, "eval.generate_samples=8", "eval.generate_batch_size=0"], ["eval.generate_batch_size", ">= 1"]),
+        ([VAL, "eval.generate_samples=8", "eval.every_steps=0"], ["eval.generate_samples", "eval.every_steps=0", "set eval.every_steps"]),
+        (["eval.batch_size=-2"], ["eval.batch_size", ">= 0", "train.micro_batch_size"]),
+        ([VAL, "eval.generate_samples=8", "data.train_on_inputs=true"], ["data.train_on_inputs=true", "no prompt"]),
+        ([VAL, "eval.generate_samples=8", "data.sources.0.format=text"], ["data.sources.0", "'text'", "no prompt"]),
+        (["eval.generate_samples=8"], ["no validation data", "data.val_path"]),
+    ],
+    ids=["negative-samples", "no-new-tokens", "no-batch", "eval-off", "negative-eval-batch", "train-on-inputs", "text-format",
+         "no-val-data"],
+)
+def test_generation_and_eval_settings_are_checked(tiny_llama, tmp_path, overrides, needles):
+    msg = check_fails(tiny_llama, tmp_path, *overrides)
+    assert all(n in msg for n in needles), msg
+
+
+def test_generation_settings_that_make_sense_validate(tiny_llama, tmp_path):
+    check(tiny_llama, tmp_path, VAL, "eval.generate_samples=8", "eval.generate_gather=false", "eval.batch_size=4")

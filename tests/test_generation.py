@@ -37,7 +37,9 @@ def test_left_pad_puts_prompts_at_the_right_edge():
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
-def test_answers_do_not_depend_on_the_world_size_and_equal_generate(tiny_llama):
+def test_answers_are_the_same_on_any_world_size_and_equal_unpadded_generate(tiny_llama):
+    """Split over 2 ranks (run one after the other here) the answers are those of 1 rank, and each equals
+    plain transformers' greedy continuation of its prompt alone, without the left padding of a batch."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -50,9 +52,10 @@ def test_answers_do_not_depend_on_the_world_size_and_equal_generate(tiny_llama):
     two = sorted(generation.greedy_answers(model, tok, samples, world_size=2, rank=0, **kw)
                  + generation.greedy_answers(model, tok, samples, world_size=2, rank=1, **kw), key=lambda a: a.index)
     assert [vars(a) for a in one] == [vars(a) for a in two]
-    # Plain transformers on the first prompt alone (no padding) gives the same greedy continuation.
-    prompt, _ = generation.split_prompt(samples[0])
-    out = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=6,
-                         do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    assert one[0].answer == tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
-    assert all(t != IGNORE_INDEX for t in prompt.tolist())
+    assert len({len(generation.split_prompt(s)[0]) for s in samples}) > 1  # the batches really are padded
+    for a, sample in zip(one, samples):
+        prompt, _ = generation.split_prompt(sample)
+        assert all(t != IGNORE_INDEX for t in prompt.tolist())
+        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=6,
+                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        assert a.answer == tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()

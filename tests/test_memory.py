@@ -219,3 +219,42 @@ def test_engines_agree_on_every_k_and_lora_dropout(variant):
     for what in ("saved", "fwd_peak", "bwd_peak"):
         x, y = getattr(a, what)(shape.layers), getattr(t, what)(shape.layers)
         assert 0 <= x - y <= 0.03 * y if setup.lora_dropout else abs(x - y) <= 0.001 * y, (variant, what, x, y)
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_generation_phase_only_with_generation_and_its_kv_cache_is_what_transformers_allocates(tiny_llama, gather):
+    """eval.generate_samples adds a `generate` phase: the resident state, the weights gathered for it and
+    the KV cache. The KV line equals the cache transformers' generate really builds (the tiny Llama,
+    fp32; the cache holds every position but the last generated one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shape = ModelShape.from_config(json.loads((tiny_llama / "config.json").read_text()), name="tiny")
+    base = TrainSetup(method="qlora", precision="fp32", micro_batch=2, seq_len=64, zero_stage=3, device="cpu")
+    assert "generate" not in compose(shape, base, 2).phase_bytes
+    batch, prompt, new = 3, 20, 5
+    with_gen = compose(shape, dataclasses.replace(base, generate_batch=batch, generate_tokens=prompt + new, generate_gather=gather), 2)
+    lines = {ln.name: ln for ln in with_gen.lines}
+    assert ("whole model gathered for generation" in lines) == gather
+    assert with_gen.phase_bytes["generate"] >= sum(ln.bytes for ln in with_gen.lines if ln.phases[:4] == ("load", "forward", "backward", "step"))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = torch.randint(3, shape.vocab, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         return_dict_in_generate=True, pad_token_id=0)
+    cache = out.past_key_values
+    cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    predicted = lines["KV cache (generation)"].bytes * (prompt + new - 1) / (prompt + new)
+    assert cache_bytes == pytest.approx(predicted, rel=1e-9)
+    if gather:  # the gathered model is every weight of the quantised model plus the adapters, as stored
+        import peft
+        from transformers import BitsAndBytesConfig
+
+        q = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=torch.float32))
+        q = peft.get_peft_model(q, peft.LoraConfig(r=base.lora_r, target_modules="all-linear"))
+        stored = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in q.parameters()}
+        stored.update({id(t): t.numel() * t.element_size() for m in q.modules() if hasattr(m.weight if hasattr(m, "weight") else None, "quant_state")
+                       for t in m.weight.quant_state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)})
+        assert lines["whole model gathered for generation"].bytes == pytest.approx(sum(stored.values()), rel=0.03)

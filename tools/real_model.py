@@ -98,6 +98,8 @@ def ensure(out: str | Path | None = None, say=print) -> Path:
     source = _source(gguf)
     if _is_built(out, source):
         return out
+    if out.exists() and not (out / MARKER).is_file():  # replace only a directory this tool wrote
+        raise FileExistsError(f"{out} exists and was not written by tools/real_model.py (no {MARKER}); choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         out = ensure(args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -64,7 +64,17 @@ def setup_from_recipe(recipe, world_size: int, *, device: str = "cuda", hidden_s
         grad_accum_dtype_bytes={"fp32": 4, "bf16": 2, "fp16": 2}.get(grad_dtype, 0),
         device=device,
         loader=recipe.model.loader if recipe.model.loader != "auto" else ("streamed" if zero_stage(ds) == 3 else "hf"),
+        generate_batch=min(recipe.eval.generate_batch_size, recipe.eval.generate_samples) if recipe.eval.every_steps > 0 else 0,
+        eval_batch=recipe.eval.batch_size if recipe.eval.every_steps > 0 and recipe.eval.batch_size > recipe.train.micro_batch_size else 0,
+        fused_loss=_fused_loss(recipe.kernels),
+        generate_tokens=recipe.data.seq_len + recipe.eval.max_new_tokens,
+        generate_gather=recipe.eval.generate_gather,
     )
+
+
+def _fused_loss(kernels) -> bool:
+    """The recipe computes the loss chunk by chunk inside lm_head (no (batch, seq, vocab) logits)."""
+    return kernels == "all" or (isinstance(kernels, list) and "linear_cross_entropy" in kernels)
 
 
 def budget_for_recipe(recipe, world_size: int, device_memory_bytes: int | None, *, device: str = "cuda",

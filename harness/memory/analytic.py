@@ -129,6 +129,11 @@ class TrainSetup:
     grad_accum_dtype_bytes: int = 0  # 0 = the model dtype (DeepSpeed's default)
     device: str = "cuda"  # cuda | cpu: cpu drops the CUDA context, communicator and allocator terms
     loader: str = "streamed"  # streamed (harness/loading.py, ZeRO-3 default) | hf (from_pretrained)
+    generate_batch: int = 0  # eval.generate_batch_size when eval.generate_samples is on, else 0 (no generation phase)
+    generate_tokens: int = 0  # the longest generated sequence: prompt (up to seq_len) + eval.max_new_tokens
+    generate_gather: bool = True  # ZeRO-3: the whole model gathered on every rank for generation
+    eval_batch: int = 0  # eval.batch_size when it exceeds micro_batch (an eval forward then outgrows training's), else 0
+    fused_loss: bool = False  # kernels: linear_cross_entropy (the loss is taken in chunks: no full logits)
 
     def __post_init__(self):
         checks = [

@@ -10,7 +10,8 @@ from harness.memory.analytic import (
     GIB, INT8_BYTES_PER_PARAM, NF4_DQ_BYTES_PER_PARAM, ActivationProfile, Cluster, ModelShape, TrainSetup, activation_profile, lora_targets,
 )
 
-PHASES = ("load", "forward", "backward", "step")
+PHASES = ("load", "forward", "backward", "step")  # training; "eval" and "generate" join them when the recipe asks
+EVAL, GENERATE = "eval", "generate"
 # GPU-only constants (not measurable on CPU; from reference/memory.md section 6.1, to be calibrated on a GPU):
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace on H100-class GPUs
 NCCL_BYTES_PER_COMMUNICATOR = 700 * 2**20  # NCCL #964: 544-688 MB per communicator
@@ -59,6 +60,51 @@ def _trainable_numel(m: ModelShape, t: TrainSetup) -> int:
     shapes = m.linear_shapes()
     per_layer = sum(t.lora_r * (shapes[n][0] + shapes[n][1]) for n in lora_targets(t) if n in shapes)
     return per_layer * m.layers
+
+
+def _mark_resident(lines: list, extra_phases: tuple) -> None:
+    """Add `extra_phases` to the lines resident the whole run (weights, gradient partition, buffers, Adam
+    m and v from the first step on) and to bitsandbytes' transient dequantised weight (any forward)."""
+    for ln in lines:
+        always = ln.phases == PHASES or (ln.category == "optimizer" and "step" in ln.phases and ln.phases != ("step",))
+        if always or ln.name.startswith("dequantised weight"):
+            ln.phases = ln.phases + extra_phases
+
+
+def _eval_lines(m: ModelShape, t: TrainSetup, gathered_bytes: float) -> list:
+    """A validation forward with eval.batch_size > micro_batch (no grad): the weights gathered as in a
+    training forward, one layer's transient activations, and the logits with their fp32 copy (the loss
+    in fp32), unless the fused loss takes them in chunks."""
+    d, tokens = t.dtype_bytes, t.eval_batch * t.seq_len
+    logits_bytes = 0 if t.fused_loss else tokens * m.vocab * (d + 4)
+    out = [Line("eval forward: one layer's activations + logits", "activations", 3 * tokens * m.intermediate * d + logits_bytes,
+                phases=(EVAL,), note=f"eval.batch_size {t.eval_batch} x seq {t.seq_len}")]
+    if gathered_bytes:
+        out.append(Line("gathered parameters (eval)", "zero", gathered_bytes, phases=(EVAL,)))
+    return out
+
+
+def _generation_lines(m: ModelShape, t: TrainSetup, n: int, full_bytes: float, gathered_bytes: float) -> list:
+    """The eval's greedy generation (harness/generation.py): the weights gathered for it, the KV cache,
+    one layer's activations over the prompts and the last position's logits."""
+    d = t.dtype_bytes
+    out = []
+    if t.zero_stage == 3 and n > 1:
+        if t.generate_gather:
+            out.append(Line("whole model gathered for generation", "zero", full_bytes, phases=(GENERATE,),
+                            note="eval.generate_gather: every weight (4-bit, 16-bit and LoRA) on every rank while answering"))
+        else:
+            out.append(Line("gathered parameters (generation, layer by layer)", "zero", gathered_bytes, phases=(GENERATE,)))
+    kv_bytes = 2 * m.layers * m.kv_dim * t.generate_tokens * t.generate_batch * d
+    out.append(Line("KV cache (generation)", "activations", kv_bytes, phases=(GENERATE,),
+                    note=f"{t.generate_batch} prompts x {t.generate_tokens} tokens, K and V of every layer"))
+    # The prompts' forward (no grad): one layer's transient activations at a time, the widest being the
+    # MLP (gate, up, their product: 3 x intermediate per token); then the last position's logits and
+    # generate's fp32 copy of them.
+    prefill_bytes = 3 * t.generate_batch * t.generate_tokens * m.intermediate * d
+    logits_bytes = t.generate_batch * m.vocab * (d + 4)
+    out.append(Line("prompt forward + last logits (generation)", "activations", prefill_bytes + logits_bytes, phases=(GENERATE,)))
+    return out
 
 
 def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationProfile | None = None, *,
@@ -126,6 +172,7 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
     lines += opt_lines
 
     # --- ZeRO-3 buffers ---
+    full_bytes = gathered = 0.0
     if t.zero_stage == 3:
         bucket = min(t.reduce_bucket_numel, max(trainable, 1)) * d
         lines.append(Line("reduce (IPG) bucket", "zero", bucket, note=f"reduce_bucket_size {t.reduce_bucket_numel:,} x {d} B"))
@@ -197,14 +244,21 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
         lines.append(Line("unpartitioned 4-bit model before initialize", "params", linear * NF4_DQ_BYTES_PER_PARAM * (1 - 1 / n),
                           phases=("load",)))
 
+    extra = ((EVAL,) if t.eval_batch else ()) + ((GENERATE,) if t.generate_batch else ())
+    _mark_resident(lines, extra)
+    if t.eval_batch:
+        lines += _eval_lines(m, t, gathered)
+    if t.generate_batch:
+        lines += _generation_lines(m, t, n, full_bytes + trainable * d, gathered)
+    phases = PHASES + extra
     phase_bytes = {}
-    for ph in PHASES:
+    for ph in phases:
         # Load = after deepspeed.initialize: parameters, ZeRO buffers, the fp32 master and grad partition
         # (ZeRO >= 1); Adam's m and v appear at the first step.
         total = sum(ln.bytes for ln in lines if ph in ln.phases)
         phase_bytes[ph] = total
     if gpu:
-        for ph in PHASES:
+        for ph in phases:
             phase_bytes[ph] *= 1 + ALLOCATOR_MARGIN
         lines.append(Line(f"allocator margin ({ALLOCATOR_MARGIN:.0%})", "runtime", 0, note="added per phase"))
     peak_phase = max(phase_bytes, key=phase_bytes.get)

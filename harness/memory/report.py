@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from harness.memory.analytic import GIB, Cluster, ModelShape, TrainSetup, activation_profile
-from harness.memory.budget import PHASES, Budget, compose
+from harness.memory.budget import Budget, compose
 
 
 def _gib(x: float) -> str:
@@ -19,7 +19,7 @@ def rows(budget: Budget) -> list[tuple[str, str, str, str]]:
     for ln in budget.lines:
         if ln.bytes == 0 and "margin" not in ln.name:
             continue
-        phases = ",".join(p for p in PHASES if p in ln.phases) or "-"
+        phases = ",".join(p for p in budget.phase_bytes if p in ln.phases) or "-"
         out.append((ln.category, ln.name, _gib(ln.bytes).strip(), phases))
     return out
 
@@ -39,7 +39,7 @@ def text_table(budget: Budget, extra: dict | None = None) -> str:
     lines.append(f"{'category':12s} {'item':{w}s} {'GiB':>8s}  phases")
     for cat, name, gib, phases in rows(budget):
         lines.append(f"{cat:12s} {name:{w}s} {gib:>8s}  {phases}")
-    lines.append("per phase (GiB): " + "  ".join(f"{p} {budget.phase_bytes[p] / GIB:.2f}" for p in PHASES))
+    lines.append("per phase (GiB): " + "  ".join(f"{p} {v / GIB:.2f}" for p, v in budget.phase_bytes.items()))
     lines.append("host per node (GiB): " + "; ".join(f"{h.name} {h.bytes / GIB:.1f}" for h in budget.host_lines))
     lines.append(verdict_line(budget))
     for k, v in (extra or {}).items():
@@ -52,7 +52,7 @@ def markdown(budget: Budget, extra: dict | None = None) -> str:
            f"engine `{budget.engine}`, world size {budget.world_size}, device `{budget.device}`", "",
            "| category | item | GiB | resident in |", "|---|---|---:|---|"]
     out += [f"| {c} | {n} | {g} | {p} |" for c, n, g, p in rows(budget)]
-    out += ["", "| phase | GiB |", "|---|---:|"] + [f"| {p} | {budget.phase_bytes[p] / GIB:.2f} |" for p in PHASES]
+    out += ["", "| phase | GiB |", "|---|---:|"] + [f"| {p} | {v / GIB:.2f} |" for p, v in budget.phase_bytes.items()]
     out += ["", "| host (per node) | GiB |", "|---|---:|"] + [f"| {h.name} | {h.bytes / GIB:.1f} |" for h in budget.host_lines]
     out += ["", f"**{verdict_line(budget)}**"]
     for k, v in (extra or {}).items():
@@ -75,10 +75,11 @@ def plot(budget: Budget, path: str) -> None:
         raise ValueError("--plot needs matplotlib (pip install matplotlib)") from e
     cats = ["params", "zero", "grads", "optimizer", "activations", "runtime"]
     fig, ax = plt.subplots(figsize=(7, 4))
-    bottoms = [0.0] * len(PHASES)
+    phases = list(budget.phase_bytes)
+    bottoms = [0.0] * len(phases)
     for cat in cats:
-        vals = [sum(ln.bytes for ln in budget.lines if ln.category == cat and p in ln.phases) / GIB for p in PHASES]
-        ax.bar(PHASES, vals, bottom=bottoms, label=cat)
+        vals = [sum(ln.bytes for ln in budget.lines if ln.category == cat and p in ln.phases) / GIB for p in phases]
+        ax.bar(phases, vals, bottom=bottoms, label=cat)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     if budget.device_memory_bytes:
         ax.axhline(budget.device_memory_bytes / GIB, color="red", linestyle="--", label="device memory")
@@ -138,4 +139,8 @@ def search_fit(m: ModelShape, t: TrainSetup, cluster: Cluster, profile_fn=activa
     while nodes <= 64 * cluster.nodes and not fits(t, dataclasses.replace(cluster, nodes=nodes))[0]:
         nodes *= 2
     out["nodes_needed"] = nodes if nodes <= 64 * cluster.nodes else None
+    if t.generate_batch:  # the eval's greedy generation: fewer prompts at a time, or no whole-model gather
+        gen = [(f"eval.generate_batch_size={b}", dict(generate_batch=b)) for b in (8, 4, 2, 1) if b < t.generate_batch]
+        gen += [("eval.generate_gather=false", dict(generate_gather=False))]
+        out["generation"] = next((name for name, kw in gen if fits(dataclasses.replace(t, **kw), cluster)[0]), None)
     return out

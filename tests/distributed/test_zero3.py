@@ -89,6 +89,7 @@ def test_qlora_adapter_round_trip(qlora_probe):
     from transformers import AutoModelForCausalLM
 
     from harness.model import quantization_config
+    from tests import reference
 
     out, probe = qlora_probe
     saved = load_file(str(out / "logits.safetensors"))
@@ -98,6 +99,7 @@ def test_qlora_adapter_round_trip(qlora_probe):
         json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"],
         dtype=torch.float32, quantization_config=quantization_config("qlora", torch.float32), device_map={"": "cpu"},
     )
+    reference.keep_bnb_layout(base)  # plain bitsandbytes would repack the weights at this eval on an AVX512-BF16 CPU
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits.float()

@@ -9,8 +9,8 @@ A fresh run (no checkpoint in output_dir) records, in OUT_DIR (rank 0 writes):
   eval micro-batch as one row with position ids);
 - grads_step1.safetensors: every trainable tensor's gradient in step 1 (gathered, before the
   optimizer uses it) and params_step1.safetensors, the trainable tensors after it;
-- with STEPS=2, then the validation losses after step 1, a checkpoint of step 1, and
-  grads_step2.safetensors.
+- with STEPS=2, then the validation losses after step 1 and a checkpoint of step 1 (its step 2 is
+  the resumed run's).
 A resumed run (the step-1 checkpoint in output_dir) records the validation losses on resuming and
 grads_step2.safetensors again. Everything is in OUT_DIR/record_<fresh|resumed>.json.
 """
@@ -106,11 +106,11 @@ def main() -> int:
         run.state.update(step=1)
         checkpoint.save_checkpoint(run.engine, recipe.output_dir, 1, run.state, run.dist, exclude_frozen=recipe.method != "full", keep_last=2)
         mark("save")
-        save("grads_step2.safetensors", step_with_grads(run, 2))
-        mark("step 2")
     elif start == 1:
         record["val_step1"] = val_losses(run)
+        mark("eval 1")
         save("grads_step2.safetensors", step_with_grads(run, 2))
+        mark("step 2")
     record["phases_s"] = phases
     if main_rank:
         (out / f"record_{'fresh' if start == 0 else 'resumed'}.json").write_text(json.dumps(record, indent=1))

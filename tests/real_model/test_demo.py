@@ -18,9 +18,11 @@ from tests.helpers import REPO, launch, read_metrics
 pytestmark = [pytest.mark.distributed, pytest.mark.real_model]
 RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
 VAL = REPO / "harness" / "assets" / "tiny_instruct_val.jsonl"
-# Measured (fp32, 2 CPU ranks): 0/64 right before training, 22/64 to 24/64 after the demo's 20 steps.
-# A run that does not learn stays near 0; one that learns the format but no task gets the easy ones.
-MAX_BEFORE, MIN_AFTER = 0.05, 0.20
+# Measured (fp32, 2 CPU ranks, the demo's 20 steps): 0/64 right before training, 17/64 after (4/4 capitals,
+# 5/7 first/last item, reversals, some uppercase). The pretrained model answers in its own words: 0 before;
+# a run that does not learn stays there, and 10/64 needs the answer format and several tasks.
+MAX_BEFORE, MIN_AFTER = 0.05, 0.15
+COMPARED = 32  # of the 64 logged answers (in the measured run: 12 of them right)
 
 
 def test_sanity_question(real_model):
@@ -48,7 +50,10 @@ def test_demo_learns_and_plain_libraries_give_the_same_answers(real_model, tmp_p
     rows = ref.read_jsonl(VAL, len(logged))
     assert [a["prompt"] for a in logged] == [ref.alpaca_prompt(r) for r in rows]  # the same prompts
     assert [a["expected"] for a in logged] == [r["output"] for r in rows]
-    harness_answers = [a["answer"] for a in logged]
+    # Plain peft and plain transformers answer the first COMPARED prompts (greedy decoding on CPU is most of
+    # this test's time after the run): each is up to 24 tokens that must match the harness's token for token.
+    rows = rows[:COMPARED]
+    harness_answers = [a["answer"] for a in logged[:COMPARED]]
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +68,7 @@ def test_demo_learns_and_plain_libraries_give_the_same_answers(real_model, tmp_p
 
     differ = lambda xs: [i for i, (a, b) in enumerate(zip(xs, harness_answers)) if a != b]  # noqa: E731
     print(f"plain peft differs on {differ(peft_answers)}, merged on {differ(merged_answers)}; "
-          f"right: harness {sum(a['correct'] for a in logged)}, peft {sum(a == r['output'] for a, r in zip(peft_answers, rows))}, "
+          f"right: harness {sum(a['correct'] for a in logged[:COMPARED])}, peft {sum(a == r['output'] for a, r in zip(peft_answers, rows))}, "
           f"merged {sum(a == r['output'] for a, r in zip(merged_answers, rows))}")
     assert peft_answers == harness_answers
     assert merged_answers == harness_answers

@@ -8,9 +8,9 @@ transformers / peft / bitsandbytes / torch within 1e-4 relative (fp32):
   after that eval pass;
 - the optimizer update of step 1 against torch AdamW (after global-norm clipping, weight decay on)
   applied to the same gradients from the same weights;
-- for the cases marked resumed: the validation loss after step 1 and the gradients of step 2, at the
-  harness's weights, in the same process after a checkpoint save and in a new process resumed from
-  that checkpoint.
+- for the cases marked resumed: the validation loss after step 1, in the same process before a
+  checkpoint save and in a new process resumed from that checkpoint, and the resumed run's step-2
+  gradients, against the reference at the harness's weights after step 1.
 For QLoRA the loss reference is the model quantised by transformers + bitsandbytes, and the
 gradients are taken on that model dequantised into plain fp32 weights.
 
@@ -49,14 +49,18 @@ CASES = {
     "lora-zero3-hf": ("lora", "zero3", 2, "hf", False, []),
     # training rows packed: the 4 samples in 2 rows of up to 128 tokens (1 row per rank and step)
     "qlora-zero3-hf-packed": ("qlora", "zero3", 2, "hf", False, ["data.packing=true", "train.global_batch_size=2", "train.micro_batch_size=1"]),
+    "lora-zero3-hf-packed": ("lora", "zero3", 2, "hf", False, ["data.packing=true", "train.global_batch_size=2", "train.micro_batch_size=1"]),
+    # one process: the 2 packed rows are 2 micro-batches, accumulated
+    "full-zero0-packed": ("full", "zero0", 1, "hf", False, ["data.packing=true", "train.global_batch_size=2", "train.micro_batch_size=1"]),
     # gradient checkpointing recomputes every layer in backward, re-gathering its ZeRO-3 shards
     "lora-zero3-streamed-checkpointed": ("lora", "zero3", 2, "streamed", False, ["train.gradient_checkpointing=full"]),
 }
-# Every case takes 1-3 minutes on 2 CPU cores (ZeRO-3 there costs seconds of hooks and gathers per
-# forward), so CI runs the cases below, which between them cover every method, ZeRO-0 and ZeRO-3, both
-# loaders, packed training rows, gradient accumulation (ZeRO-0: 2 micro-batches) and a resume;
-# HARNESS_REFERENCE_CASES=all runs all of them, or name cases with commas.
-CI_CASES = ["lora-zero0", "full-zero3-hf", "qlora-zero3-streamed", "qlora-zero3-hf-packed"]
+# Every case takes 0.5-2 minutes on 2 CPU cores (ZeRO-3 there costs seconds of hooks and gathers per
+# forward), so CI runs the two below, which between them cover ZeRO-0 and ZeRO-3, padded and packed
+# training rows, gradient accumulation (2 micro-batches), the loader of each stage and a resume; the
+# other methods' own code (LoRA adapters, 4-bit base) is in qlora, and the demo test adds ZeRO-3 QLoRA
+# against plain peft. HARNESS_REFERENCE_CASES=all runs all of them, or name cases with commas.
+CI_CASES = ["full-zero0-packed", "qlora-zero3-streamed"]
 _chosen = os.environ.get("HARNESS_REFERENCE_CASES", "")
 RUN = list(CASES) if _chosen == "all" else _chosen.split(",") if _chosen else CI_CASES
 FIGURES: dict[str, dict] = {}  # printed at the end of each case: the closing note's figures
@@ -100,20 +104,22 @@ def reference(model_dir, method: str, init: dict | None, train_rows: list[dict],
     return out
 
 
-def after_step1(want: dict, harness_grads: dict, harness_params: dict) -> dict:
+def after_step1(want: dict, harness_grads: dict, harness_params: dict, later: bool) -> dict:
     """The reference optimizer step, and the reference figures at the harness's weights after step 1.
 
     The step is torch AdamW (after clipping) applied to the harness's own step-1 gradients from the same
     start, compared with the harness's update. Adam's first step is about lr * sign(g) per element, so
     rounding-level gradient differences (1e-6, checked above) can flip elements whose gradient is ~0;
     comparing updates from the same gradients, and taking step 2 at the same weights, keeps each check
-    at fp32 precision."""
+    at fp32 precision. `later`: also the validation loss and step-2 gradients at those weights."""
     model = want["model"]
     ref.set_trainable(model, want["init"])
     ref.adamw_step(model, harness_grads, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM)
     expected = {n: p.detach() - want["init"][n] for n, p in ref.trainable(model).items()}
     got = {n: harness_params[n] - want["init"][n] for n in expected}
     update_err, update_where = ref.worst_gradient_error(got, expected)
+    if not later:
+        return {"update": (update_err, update_where)}
     ref.set_trainable(model, harness_params)
     return {"update": (update_err, update_where), "val_step1": ref.mean_loss(model, want["val"]),
             "grads_step2": ref.gradients(model, want["train"])}
@@ -140,6 +146,7 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
     data_dir, train_rows, val_rows = rows
     probe = _probe(case, real_model, data_dir, tmp_path)
     fresh = json.loads((probe / "record_fresh.json").read_text())
+    assert set(fresh["val_step0"]) == {"padded", "packed"} and ("val_step1" in fresh) == resumed
     assert fresh["train_rows"] == (2 if "data.packing=true" in extra else 4)  # so each step sees exactly the 4 samples
     assert fresh["val_samples"] == 16
     init = load_file(str(probe / "init.safetensors")) if method != "full" else None
@@ -149,7 +156,7 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
     err, where = ref.worst_gradient_error(load_file(str(probe / "grads_step1.safetensors")), want["grads_step1"])
     figures["grads step 1"] = (err, where)
     assert err <= TOL, f"step 1: gradient of {where} off by {err:.2e} (relative norm)"
-    then = after_step1(want, load_file(str(probe / "grads_step1.safetensors")), load_file(str(probe / "params_step1.safetensors")))
+    then = after_step1(want, load_file(str(probe / "grads_step1.safetensors")), load_file(str(probe / "params_step1.safetensors")), resumed)
     figures["AdamW update"] = then["update"]
     assert then["update"][0] <= TOL, f"the optimizer step of {then['update'][1]} is off by {then['update'][0]:.2e}"
 
@@ -157,15 +164,15 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
     if resumed:
         again = _probe(case, real_model, data_dir, tmp_path, "probe_resumed")
         runs.append(("resumed", json.loads((again / "record_resumed.json").read_text()), again))
+        assert runs[-1][1]["start_step"] == 1 and set(runs[-1][1]["val_step1"]) == {"padded", "packed"}
     for label, rec, d in runs:
-        for key, want_loss in (("val_step0", want["val_step0"]), ("val_step1", then["val_step1"])):
-            if key == "val_step1" and not resumed:
-                continue
+        for key in ("val_step0", "val_step1"):
+            want_loss = want["val_step0"] if key == "val_step0" else then.get("val_step1")
             for layout, got in rec.get(key, {}).items():
                 err = abs(got - want_loss) / want_loss
                 figures[f"{label} {key} {layout}"] = (got, want_loss, err)
                 assert err <= TOL, f"{label} {key} ({layout}): harness {got:.6f}, reference {want_loss:.6f}, relative error {err:.2e}"
-        if not resumed:
+        if label != "resumed":
             continue
         err, where = ref.worst_gradient_error(load_file(str(d / "grads_step2.safetensors")), then["grads_step2"])
         figures[f"{label} grads step 2"] = (err, where)

@@ -163,8 +163,9 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny_llama, tmp_pa
     saved_step = int(saved[0].name.split("_")[1])
     assert signalled_after <= saved_step <= signalled_after + 1, first_run[-3000:]
     assert "training exited 75" in first_run and "requeueing job" in first_run
-    # Slurm holds a requeued job about 2 minutes (Reason=BeginTime) while the old run is cleaned up;
-    # releasing it earlier (scontrol update StartTime=now) races that cleanup and can fail the job.
+    # Slurm holds a requeued job for AuthInfo=cred_expire (30 s in start_cluster.sh; Reason=BeginTime)
+    # while the old run is cleaned up; releasing it earlier (scontrol update StartTime=now) races that
+    # cleanup and can fail the job.
     state = wait_until(lambda: finished(job), 600, f"the requeued job {job} to finish", tmp_path / "x.out")
     log = next(tmp_path.glob("*.out")).read_text()  # --open-mode=append: both runs in one file
     assert state == "COMPLETED", log[-5000:] + slurmd_log_tail()
