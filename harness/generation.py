@@ -43,6 +43,15 @@ class Answer:
         return self.answer == self.expected
 
 
+def samples_to_show(answers: list[Answer], count: int = 3) -> list[Answer]:
+    """The answers a log shows: up to count - 1 right ones (what training taught) and the first wrong
+    ones to fill count (what it did not), in validation order; the first `count` when all are alike."""
+    right = [a for a in answers if a.correct]
+    wrong = [a for a in answers if not a.correct]
+    shown = right[: count - 1] if wrong else right[:count]
+    return sorted(shown + wrong[: count - len(shown)], key=lambda a: a.index)
+
+
 def split_prompt(sample) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids, expected answer ids) of a validation sample. targets[t] is the token at t + 1."""
     ids, targets = sample[0], sample[1]

@@ -193,7 +193,7 @@ def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInf
 
 def answer_eval(run: "Run", step: int) -> float:
     """Greedy answers to the first eval.generate_samples validation prompts, on all ranks (ZeRO-3
-    gathers collectively). Logs the exact-match rate and three answers; rank 0 writes them all to
+    gathers collectively). Logs the exact-match rate and three answers (right and wrong); rank 0 writes them all to
     output_dir/answers/step_N.jsonl. Returns the rate (the same on every rank)."""
     recipe, dist, engine = run.recipe, run.dist, run.engine
     zero3 = engine.zero_optimization_stage() == 3
@@ -217,7 +217,7 @@ def answer_eval(run: "Run", step: int) -> float:
     log = run.log
     log.log({"step": step, "val_exact_match": rate, "val_answers": len(answers)})
     log.message(f"step {step}: exact match {sum(a.correct for a in answers)}/{len(answers)} ({100 * rate:.1f}%) by greedy answers")
-    for a in answers[:3]:
+    for a in generation.samples_to_show(answers):
         prompt = " ".join(a.prompt.split())
         log.message(f"  {'right' if a.correct else 'wrong'}: {prompt[-90:]!r} -> {a.answer[:60]!r} (expected {a.expected[:40]!r})")
     if dist.is_main:

@@ -20,6 +20,17 @@ def test_batches_cover_each_prompt_once_with_equal_calls_per_rank(n, batch, worl
     assert all(g == list(range(g[0], g[0] + len(g))) and g[0] % batch == 0 for g in groups)  # consecutive, any world
 
 
+@pytest.mark.parametrize("right, shown", [
+    ("", [0, 1, 2]),            # nothing right: the first three
+    ("0123456", [0, 1, 7]),     # two right, then the first wrong
+    ("5", [0, 1, 5]),           # one right: it and the first two wrong
+    ("01234567", [0, 1, 2]),    # all right: the first three
+])
+def test_samples_to_show_mix_right_and_wrong(right, shown):
+    answers = [generation.Answer(i, f"p{i}", "yes", "yes" if str(i) in right else "no") for i in range(8)]
+    assert [a.index for a in generation.samples_to_show(answers)] == shown
+
+
 def test_prompt_and_expected_answer_come_from_the_loss_mask(tiny_llama):
     from transformers import AutoTokenizer
 

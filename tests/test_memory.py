@@ -246,7 +246,7 @@ def test_generation_phase_only_with_generation_and_its_kv_cache_is_what_transfor
     cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     predicted = lines["KV cache (generation)"].bytes * (prompt + new - 1) / (prompt + new)
     assert cache_bytes == pytest.approx(predicted, rel=1e-9)
-    if gather:  # the gathered model is every weight of the quantised model plus the adapters, as stored
+    if gather:  # the gathered model: every tensor the quantised model with adapters holds, once per storage
         import peft
         from transformers import BitsAndBytesConfig
 
@@ -254,7 +254,13 @@ def test_generation_phase_only_with_generation_and_its_kv_cache_is_what_transfor
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
             bnb_4bit_quant_storage=torch.float32))
         q = peft.get_peft_model(q, peft.LoraConfig(r=base.lora_r, target_modules="all-linear"))
-        stored = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in q.parameters()}
-        stored.update({id(t): t.numel() * t.element_size() for m in q.modules() if hasattr(m.weight if hasattr(m, "weight") else None, "quant_state")
-                       for t in m.weight.quant_state.as_dict(packed=True).values() if isinstance(t, torch.Tensor)})
-        assert lines["whole model gathered for generation"].bytes == pytest.approx(sum(stored.values()), rel=0.03)
+        tensors = list(q.parameters())
+        for m in q.modules():  # the quantisation state: block scales, their own scales, the code books
+            st = getattr(getattr(m, "weight", None), "quant_state", None)
+            if st is not None:
+                tensors += [st.absmax, st.code, st.offset, st.state2.absmax, st.state2.code]
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor)}
+        # The budget counts the scales per parameter but not each layer's code books (16 + 256 fp32, some
+        # shared): ~0.5 KB per 4-bit layer, 3.4% of this tiny model (measured 447,856 B held, 432,530 B
+        # predicted), a few hundred KB at 70B.
+        assert lines["whole model gathered for generation"].bytes == pytest.approx(sum(held.values()), rel=0.04)
