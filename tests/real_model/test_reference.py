@@ -55,7 +55,7 @@ CASES = {
     # gradient checkpointing recomputes every layer in backward, re-gathering its ZeRO-3 shards
     "lora-zero3-streamed-checkpointed": ("lora", "zero3", 2, "streamed", False, ["train.gradient_checkpointing=full"]),
 }
-# Every case takes 0.5-2 minutes on 2 CPU cores (ZeRO-3 there costs seconds of hooks and gathers per
+# Every case takes 0.5-2 minutes on 2 CPU cores (all 12: about 12 minutes) (ZeRO-3 there costs seconds of hooks and gathers per
 # forward), so CI runs the two below, which between them cover ZeRO-0 and ZeRO-3, padded and packed
 # training rows, gradient accumulation (2 micro-batches), the loader of each stage and a resume; the
 # other methods' own code (LoRA adapters, 4-bit base) is in qlora, and the demo test adds ZeRO-3 QLoRA
