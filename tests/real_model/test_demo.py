@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import reference as ref
-from tests.helpers import REPO, launch, read_metrics
+from tests.helpers import REPO, child_env, launch, read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.real_model]
 RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
@@ -36,7 +36,10 @@ def test_sanity_question(real_model):
 
 def test_demo_learns_and_plain_libraries_give_the_same_answers(real_model, tmp_path):
     run = tmp_path / "run"
-    proc = launch(["--config", RECIPE, f"model.path={real_model}", f"output_dir={run}", "log.progress_bar=false"], nproc=2, timeout_s=1200)
+    marker = tmp_path / "repack_forced_in"  # bitsandbytes' AVX512-BF16 repacking path forced on any CPU
+    env = child_env(PYTHONPATH=f"{REPO / 'tests' / 'bnb_repack'}:{REPO}", BNB_REPACK_MARKER=str(marker))
+    proc = launch(["--config", RECIPE, f"model.path={real_model}", f"output_dir={run}", "log.progress_bar=false"], nproc=2, timeout_s=1200, env=env)
+    assert len(set(marker.read_text().split())) >= 2, "the forced repacking path did not load in both ranks"
     records = read_metrics(run)
     rates = {r["step"]: r["val_exact_match"] for r in records if "val_exact_match" in r}
     vals = [r["val_loss"] for r in records if "val_loss" in r]

@@ -28,11 +28,12 @@ import pytest
 from safetensors.torch import load_file
 
 from tests import reference as ref
-from tests.helpers import REPO, launch
+from tests.helpers import REPO, child_env, launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.real_model]
 PROBE = str(REPO / "tests" / "real_model" / "reference_probe.py")
 RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
+FORCE_REPACK = REPO / "tests" / "bnb_repack"
 TOL = 1e-4
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-4, 0.01, 1.0
 LORA = ref.Lora(r=8, alpha=16, dropout=0.0)
@@ -136,7 +137,12 @@ def _probe(case, model_dir, data_dir, out_dir, name="probe"):
             "train.lr_schedule=constant", f"train.weight_decay={WEIGHT_DECAY}", f"train.max_grad_norm={MAX_GRAD_NORM}",
             "train.gradient_checkpointing=none", f"lora.r={LORA.r}", f"lora.alpha={LORA.alpha}", "lora.dropout=0.0",
             "eval.max_samples=0", "eval.batch_size=8", "eval.generate_samples=0", "log.memory_every_steps=0", "log.progress_bar=false", *extra]
-    launch(args, nproc=ranks, script=PROBE, timeout_s=900)
+    # bitsandbytes' AVX512-BF16 repacking path forced in every rank (tests/bnb_repack), so the eval before
+    # each gradient and the gathers check keep_standard_4bit_layout on any CPU, not only on one with the feature
+    marker = out_dir / f"{name}_repack_forced_in"
+    env = child_env(PYTHONPATH=f"{FORCE_REPACK}:{REPO}", BNB_REPACK_MARKER=str(marker))
+    launch(args, nproc=ranks, script=PROBE, timeout_s=900, env=env)
+    assert len(set(marker.read_text().split())) >= ranks, "the forced repacking path did not load in every rank"
     return out_dir / name
 
 
