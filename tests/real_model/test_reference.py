@@ -142,7 +142,9 @@ def _probe(case, model_dir, data_dir, out_dir, name="probe"):
     marker = out_dir / f"{name}_repack_forced_in"
     env = child_env(PYTHONPATH=f"{FORCE_REPACK}:{REPO}", BNB_REPACK_MARKER=str(marker))
     launch(args, nproc=ranks, script=PROBE, timeout_s=900, env=env)
-    assert len(set(marker.read_text().split())) >= ranks, "the forced repacking path did not load in every rank"
+    if method == "qlora":  # only QLoRA builds bitsandbytes 4-bit layers (full and LoRA never import it)
+        ran_in = set(marker.read_text().split()) if marker.exists() else set()
+        assert len(ran_in) >= ranks, f"the forced repacking path loaded in {len(ran_in)} of {ranks} ranks"
     return out_dir / name
 
 
