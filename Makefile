@@ -37,9 +37,12 @@ demo: venv
 		harness/train.py --config harness/recipes/demo_qlora.yaml
 	@echo "metrics: runs/demo_qlora/metrics.jsonl   answers: runs/demo_qlora/answers/   adapter: runs/demo_qlora/adapter"
 
-# The whole suite: unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU).
+# The whole suite: unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU). The unit
+# tier runs on 2 pytest workers (TEST_WORKERS); the distributed tier alone, as each test runs 2 ranks.
+TEST_WORKERS ?= 2
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15 --timeout=1200
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=10 --timeout=1200 -m "not distributed" -n $(TEST_WORKERS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15 --timeout=1200 -m distributed
 
 # Unit tier only.
 test-fast: venv

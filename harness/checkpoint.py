@@ -15,6 +15,7 @@ ZeRO-3 shards by all ranks together (a save from rank 0 alone would hang ZeRO-3)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,10 @@ import numpy as np
 import torch
 
 from harness import distributed
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names it and what to do."""
+
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -66,14 +71,35 @@ def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(ckpt_dir: Path, step: int, world_size: int = 1, zero_stage: int = 0) -> dict:
-    """fsync every file in `ckpt_dir`, then record it (relative path, bytes, sha256) in the manifest,
-    with the world size and ZeRO stage that wrote it (a resume on another world size converts)."""
+SAMPLE_BLOCKS, SAMPLE_BLOCK_BYTES = 16, 64 << 10  # checkpoint.verify=size reads 1 MiB of each file
+
+
+def sampled_sha256(path: Path) -> str:
+    """SHA-256 of the size and 16 blocks of 64 KiB spread evenly over the file (all of a file up to 1 MiB):
+    what `checkpoint.verify=size` checks, reading 1 MiB per file however large the checkpoint."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
+            h.update(f.read())
+        else:
+            for k in range(SAMPLE_BLOCKS):
+                f.seek((size - SAMPLE_BLOCK_BYTES) * k // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, step: int, world_size: int = 1, zero_stage: int = 0, recipe: dict | None = None) -> dict:
+    """fsync every file in `ckpt_dir`, then record it (relative path, bytes, sha256 and the sampled hash)
+    in the manifest, with the world size and ZeRO stage that wrote it (a resume on another world size
+    converts) and the run's recipe fingerprint (`recipe_fingerprint`: a resume may not change its shape)."""
     files = {}
     for p in sorted(x for x in ckpt_dir.rglob("*") if x.is_file() and x.name != MANIFEST):
         _fsync_path(p)
-        files[str(p.relative_to(ckpt_dir))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        files[str(p.relative_to(ckpt_dir))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p), "sampled_sha256": sampled_sha256(p)}
     manifest = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+    if recipe is not None:
+        manifest["recipe"] = recipe
     atomic_write_text(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -98,6 +124,79 @@ def verify(ckpt_dir: Path, check_hashes: bool = True) -> str | None:
             return f"{rel} has {p.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?)"
         if check_hashes and sha256_file(p) != meta["sha256"]:
             return f"{rel} checksum mismatch (corrupted)"
+        if not check_hashes and "sampled_sha256" in meta and sampled_sha256(p) != meta["sampled_sha256"]:
+            return f"{rel} sampled checksum mismatch (corrupted)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# What a resume may change: the recipe fingerprint in each manifest
+# --------------------------------------------------------------------------------------------------
+
+# Keys that decide which tensors a checkpoint holds and what they mean: a resume that changes one is
+# refused (the model's config.json stands for model.path, so a moved model directory still resumes).
+RESUME_FIXED = ("model.config_sha256", "method", "freeze_layers", "lora.r", "lora.alpha", "lora.target_modules", "kernels")
+
+
+def recipe_fingerprint(recipe) -> dict:
+    """The recipe as flat `dotted.key: value` pairs, plus the hash of the model's config.json."""
+    from harness import config
+
+    flat: dict = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix.rstrip(".")] = node
+
+    walk(config.to_dict(recipe), "")
+    flat.pop("data.sources", None)
+    for i, src in enumerate(recipe.data.sources):
+        for k, v in dataclasses.asdict(src).items():
+            flat[f"data.sources.{i}.{k}"] = v
+    cfg = Path(recipe.model.path) / "config.json"
+    flat["model.config_sha256"] = sha256_file(cfg) if cfg.is_file() else None
+    return json.loads(json.dumps(flat, default=str))
+
+
+def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """(refused, allowed): each `key: old -> new` between a checkpoint's fingerprint and this run's."""
+    refused, allowed = [], []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if old != new:
+            (refused if key in RESUME_FIXED else allowed).append(f"{key}: {old!r} -> {new!r}")
+    return refused, allowed
+
+
+# Bounds a loaded training state must respect: an LLM weight (or LoRA factor) is O(1), and a corrupted
+# float is usually far outside them (a flipped exponent bit gives 1e29 or NaN).
+MAX_ABS_PARAMETER = 1e4
+MAX_ABS_OPTIMIZER_STATE = 1e12
+
+
+def loaded_state_problem(engine) -> str | None:
+    """None when every trainable value and optimizer state this rank holds is finite and in bounds (the
+    check after a resume that `checkpoint.verify=size` relies on), else what is wrong."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)  # DeepSpeed's ZeRO optimizers wrap the torch one
+    # The fp32 master values: ZeRO-3 and ZeRO-1/2 keep them as flat partitions outside param_groups (which
+    # ZeRO-3 fills only during its step); without ZeRO they are the param_groups' own parameters.
+    masters = list(getattr(opt, "fp32_partitioned_groups_flat", None) or getattr(opt, "single_partition_of_fp32_groups", None) or [])
+    masters += [p for group in inner.param_groups for p in group["params"]]
+    named = [("parameter", p.data, MAX_ABS_PARAMETER) for p in masters]
+    named += [(k, v, MAX_ABS_OPTIMIZER_STATE) for per_param in inner.state.values() for k, v in per_param.items()
+              if torch.is_tensor(v) and v.numel() > 1]
+    for i, (what, t, bound) in enumerate(named):
+        if t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            return f"non-finite {what} values (tensor {i} of {len(named)})"
+        biggest = float(t.abs().max())
+        if biggest > bound:
+            return f"{what} values up to {biggest:.3g} (tensor {i} of {len(named)}; bound {bound:.0e})"
     return None
 
 
@@ -177,14 +276,16 @@ def _deepspeed_safe_globals() -> list:
 def weights_only_loading():
     """Inside this block every `torch.load` (DeepSpeed's own included: it passes weights_only=False)
     uses torch's restricted unpickler, which builds tensors, containers and the allow-listed DeepSpeed
-    classes and refuses anything else, so a tampered checkpoint cannot execute code. Setting
-    HARNESS_TRUST_CHECKPOINT_PICKLES=1 turns this off for checkpoints you trust that hold other objects."""
-    if os.environ.get(TRUST_PICKLES_ENV) == "1":
-        yield
-        return
+    classes and refuses anything else, so a tampered checkpoint cannot execute code.
+    HARNESS_TRUST_CHECKPOINT_PICKLES=DIR lifts that for the files under DIR only (a checkpoint you trust
+    that holds other objects); every other file stays restricted."""
+    trusted = os.environ.get(TRUST_PICKLES_ENV, "")
+    trusted_dir = Path(trusted).resolve() if trusted and trusted not in ("0", "1") else None
     real_load = torch.load
 
     def load(f, *args, **kwargs):
+        if trusted_dir is not None and isinstance(f, (str, os.PathLike)) and trusted_dir in Path(f).resolve().parents:
+            return real_load(f, *args, **kwargs)  # the one directory the user said to trust
         kwargs["weights_only"] = True
         try:
             return real_load(f, *args, **kwargs)
@@ -193,8 +294,9 @@ def weights_only_loading():
                 raise
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
             what = f"a pickled {found.group(1)}" if found else "a pickled object that is not plain data"
-            raise ValueError(f"{f} holds {what}, which the harness does not unpickle (it could run code). "
-                             f"If you trust this checkpoint, rerun with {TRUST_PICKLES_ENV}=1.") from None
+            where = Path(f).resolve().parent if isinstance(f, (str, os.PathLike)) else "<that checkpoint directory>"
+            raise ValueError(f"{f} holds {what}, which the harness does not unpickle (it could run code). If you trust "
+                             f"this checkpoint, rerun with {TRUST_PICKLES_ENV}={where} (that directory only).") from None
 
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         torch.load = load
@@ -236,7 +338,8 @@ def set_rng_state(state: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dist, *, exclude_frozen: bool, keep_last: int) -> Path:
+def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dist, *, exclude_frozen: bool, keep_last: int,
+                    recipe: dict | None = None) -> Path:
     """Write a complete, verified checkpoint of `step` (see the module docstring for the protocol)."""
     root = Path(output_dir) / CHECKPOINTS
     tag = f"step_{step:08d}"
@@ -250,7 +353,7 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
         json.dump(rng_state(), f)
     distributed.barrier()  # every rank's files are written
     if dist.is_main:
-        write_manifest(tmp, step, world_size=dist.world_size, zero_stage=engine.zero_optimization_stage())
+        write_manifest(tmp, step, world_size=dist.world_size, zero_stage=engine.zero_optimization_stage(), recipe=recipe)
         final = root / tag
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -372,25 +475,92 @@ def save_final(model: torch.nn.Module, tokenizer, output_dir: str, *, is_lora: b
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again". The Slurm templates requeue the job on this code.
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 only set a flag (no I/O in a signal handler: a save needs every rank). The
-    loop calls `should_stop` at each step boundary; it all-reduces the flags so that all ranks save
-    and exit together even when the signal reached only some of them. A wall-clock budget
-    (`max_runtime_s`) raises the same flag `margin_s` before the limit."""
+def _alive(proc) -> bool:
+    """psutil: not gone, not the pid reused by another process, and not a zombie waiting to be reaped."""
+    import psutil
 
-    def __init__(self, max_runtime_s: float = 0.0, margin_s: float = 0.0, signals=("SIGTERM", "SIGUSR1")):
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def deepspeed_launcher_processes() -> list:
+    """The per-node launcher (deepspeed.launcher.launch) that started this rank and the `deepspeed` runner
+    above it, as psutil processes; [] under torchrun, srun or a plain python (they pass signals on)."""
+    import psutil
+
+    try:
+        parent = psutil.Process().parent()
+        if parent is None or "deepspeed.launcher.launch" not in " ".join(parent.cmdline()):
+            return []
+        runner = parent.parent()
+        is_runner = runner is not None and any("deepspeed" in part for part in runner.cmdline()[:3])
+        return [parent, runner] if is_runner else [parent]
+    except psutil.Error:
+        return []
+
+
+class Preempted(BaseException):
+    """Raised by the signal handler when nothing is unsaved (see StopFlag): unwinds to main, which exits 75.
+    A BaseException, so no `except Exception` on the way swallows it."""
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 while training state is unsaved only set a flag (no I/O in a signal handler: a
+    save needs every rank). The loop calls `should_stop` at each step boundary and between eval batches;
+    it all-reduces the flags so that all ranks save and exit together even when the signal reached only
+    some of them. A wall-clock budget (`max_runtime_s`) raises the same flag `margin_s` before the limit.
+
+    While nothing is unsaved (`clean`: setup, model loading, the step-0 eval, right after a checkpoint)
+    the handler raises Preempted at once instead: exiting loses nothing, and waiting for the next step
+    boundary could outlast the scheduler's grace period (loading a 70B model takes minutes)."""
+
+    def __init__(self, max_runtime_s: float = 0.0, margin_s: float = 0.0, signals=("SIGTERM", "SIGUSR1"), watch_launcher: bool = True):
         import signal
         import time
 
         self.reason = ""
+        self.clean = True  # no optimizer step since the start or the last checkpoint (the loop keeps it)
         self._deadline = time.monotonic() + max_runtime_s - margin_s if max_runtime_s > 0 else None
         for name in signals:
             signal.signal(getattr(signal, name), self._handler)
+        if watch_launcher:
+            self._watch(deepspeed_launcher_processes())
+
+    def _watch(self, launchers: list, poll_s: float = 1.0) -> None:
+        """The `deepspeed` runner dies on a SIGTERM without passing it on (its per-node launcher and the
+        ranks go on, orphaned). A daemon thread checks every `poll_s` that the runner and launcher above
+        this rank still live; when one is gone it raises the flag as a SIGTERM would: the ranks save a
+        checkpoint together at the next step and exit 75."""
+        import threading
+        import time
+
+        if not launchers:
+            return
+
+        def watch():
+            import os
+            import signal
+
+            while not self.reason:
+                for proc in launchers:
+                    if not _alive(proc):
+                        self._launcher_gone = f"the deepspeed launcher (pid {proc.pid}) exited"
+                        os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, as a real one
+                        return
+                time.sleep(poll_s)
+
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+    _launcher_gone = ""
 
     def _handler(self, signum, _frame) -> None:
         import signal
 
-        self.reason = self.reason or signal.Signals(signum).name
+        self.reason = self.reason or self._launcher_gone or signal.Signals(signum).name
+        if self.clean:
+            raise Preempted(self.reason)
 
     def should_stop(self, device) -> bool:
         import time

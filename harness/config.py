@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # and/or every M minutes; 0 = off
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a new one is complete)
     resume: str = "auto"  # auto: newest valid checkpoint in output_dir (or start fresh); none; or a checkpoint path
-    verify: str = "sha256"  # sha256 | size: how resume checks the manifest (size is faster for huge checkpoints)
+    verify: str = "sha256"  # sha256: every byte | size: sizes, a sampled hash and a bounds check of the loaded state (huge checkpoints)
     max_runtime_minutes: float = 0.0  # save and exit (code 75) this long after start; 0 = off
     exit_margin_minutes: float = 0.0  # ...that many minutes earlier (time to write the checkpoint)
 
@@ -171,6 +172,12 @@ _LIST_OF = {("data", "sources"): SourceConfig}
 def _yaml_with_lines(text: str, origin: str) -> tuple[Any, dict[str, int]]:
     """Parse YAML and remember the line of each dotted key (for error messages)."""
     try:
+        # Anchors and aliases are refused before anything is built: each alias copies its node when the
+        # tree is constructed, so a few hundred bytes of nested aliases expand to gigabytes ("billion laughs").
+        alias = next((t for t in yaml.scan(text) if isinstance(t, (yaml.AliasToken, yaml.AnchorToken))), None)
+        if alias is not None:
+            raise ConfigError(f"{origin}:{alias.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                              "supported in recipes; write the values out")
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -181,6 +188,9 @@ def _yaml_with_lines(text: str, origin: str) -> tuple[Any, dict[str, int]]:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = f"{prefix}{k.value}"
+                if key in lines:  # YAML keeps the last of two equal keys without a word: a lost block
+                    raise ConfigError(f"{origin}:{k.start_mark.line + 1}: '{key}' is set twice (first at line {lines[key]}); "
+                                      "merge the two into one")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key + ".")
         elif isinstance(n, yaml.SequenceNode):
@@ -379,9 +389,31 @@ def find_model_config(spec: str) -> Path | None:
     return shipped if shipped.is_file() else None
 
 
+# What the harness reads from a model's config.json (the Llama / Mistral / Qwen2 decoder layout).
+MODEL_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
 def read_model_config(model_path: str) -> dict:
     """The model's config.json as a dict (no weights are read)."""
-    return json.loads((Path(model_path) / "config.json").read_text())
+    path = Path(model_path) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); restore the model's config.json") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); restore the model's config.json") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: must be a JSON object, got {type(cfg).__name__}; restore the model's config.json")
+    return cfg
+
+
+def check_model_config(cfg: dict, model_path: str) -> None:
+    """A decoder-only model of the kind the harness builds (Llama, Mistral, Qwen2 and their relatives)."""
+    missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
+    if missing:
+        kind = cfg.get("model_type", "unknown")
+        raise ConfigError(f"{Path(model_path) / 'config.json'}: model_type '{kind}' lacks {', '.join(missing)}; the harness trains "
+                          "Llama-style decoders (llama, mistral, qwen2, ...): point model.path at one of those")
 
 
 def load_ds_json(path: str) -> dict:
@@ -430,7 +462,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError(f"model.path '{mp}' has no config.json; it must be a Hugging Face model directory")
     if not any(Path(mp).glob("*.safetensors")):
         raise ConfigError(f"model.path '{mp}' has no *.safetensors weights; convert the checkpoint to safetensors")
-    n_layers = int(read_model_config(mp).get("num_hidden_layers", 0))
+    model_cfg = read_model_config(mp)
+    check_model_config(model_cfg, mp)
+    n_layers = model_cfg["num_hidden_layers"]
 
     # Method combinations.
     if recipe.method in ("qlora", "int8") and importlib.util.find_spec("bitsandbytes") is None:
@@ -444,12 +478,19 @@ def validate(recipe: Recipe, world_size: int) -> None:
             raise ConfigError(f"freeze_layers={recipe.freeze_layers} freezes all {n_layers} layers; use a value below {n_layers}")
     if recipe.lora.r <= 0:
         raise ConfigError(f"lora.r must be positive, got {recipe.lora.r}")
+    if not recipe.lora.alpha > 0:
+        raise ConfigError(f"lora.alpha must be positive (the update is scaled by alpha / r), got {recipe.lora.alpha}")
+    if not 0.0 <= recipe.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout is a probability in [0, 1), got {recipe.lora.dropout}")
     if not (recipe.lora.target_modules == "all-linear" or isinstance(recipe.lora.target_modules, list)):
         raise ConfigError("lora.target_modules must be 'all-linear' or a list of module names like [q_proj, v_proj]")
 
     # DeepSpeed file and stage.
     ds = load_ds_json(recipe.deepspeed.config)
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    from harness.deepspeed_config import check_ds_config, zero_stage  # (that module imports this one)
+
+    check_ds_config(ds, recipe.deepspeed.config)
+    stage = zero_stage(ds)
     if recipe.method == "int8" and stage == 3:
         raise ConfigError(
             "method=int8 with ZeRO-3 is refused: an 8-bit base under ZeRO-3 trains on a wrong loss "
@@ -480,6 +521,14 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError("train.checkpoint_every_k must be >= 1")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _validate_optimizer(t)
+    if not recipe.output_dir.strip():
+        raise ConfigError("output_dir is empty (the run would write into the working directory); set output_dir=runs/NAME")
+    lg = recipe.log
+    if lg.every_steps < 1:
+        raise ConfigError(f"log.every_steps must be >= 1 (log every N optimizer steps), got {lg.every_steps}")
+    if lg.memory_every_steps < 0:
+        raise ConfigError(f"log.memory_every_steps must be >= 0 (0 = off), got {lg.memory_every_steps}")
 
     # Data.
     d = recipe.data
@@ -522,8 +571,35 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _validate_eval(recipe)
 
 
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_optimizer(t: TrainConfig) -> None:
+    if not (_finite(t.lr) and t.lr > 0):
+        raise ConfigError(f"train.lr must be a positive finite number (e.g. 2.0e-4), got {t.lr}")
+    for key in ("weight_decay", "max_grad_norm"):
+        if not (_finite(getattr(t, key)) and getattr(t, key) >= 0):
+            raise ConfigError(f"train.{key} must be a finite number >= 0, got {getattr(t, key)}")
+    if not (_finite(t.min_lr_ratio) and 0.0 <= t.min_lr_ratio <= 1.0):
+        raise ConfigError(f"train.min_lr_ratio is a fraction of train.lr in [0, 1], got {t.min_lr_ratio}")
+    betas = t.adam_betas
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {betas!r}")
+
+
 def _validate_eval(recipe: Recipe) -> None:
     e, d = recipe.eval, recipe.data
+    for key in ("every_steps", "max_samples", "early_stopping_patience"):
+        if getattr(e, key) < 0:
+            raise ConfigError(f"eval.{key} must be >= 0 (0 = off / all), got {getattr(e, key)}")
+    if not (_finite(e.early_stopping_min_delta) and e.early_stopping_min_delta >= 0):
+        raise ConfigError(f"eval.early_stopping_min_delta must be a finite number >= 0, got {e.early_stopping_min_delta}")
+    has_val = bool(d.val_path or d.val_fraction > 0 or any(src.val_path for src in d.sources))
+    if e.early_stopping_patience and not (has_val and e.every_steps > 0):
+        why = "eval.every_steps=0 turns eval off" if has_val else "there is no validation data"
+        raise ConfigError(f"eval.early_stopping_patience stops on the validation loss, but {why}; "
+                          "set data.val_path or data.val_fraction and eval.every_steps, or eval.early_stopping_patience=0")
     if e.batch_size < 0:
         raise ConfigError(f"eval.batch_size must be >= 0 (0 = train.micro_batch_size), got {e.batch_size}")
     if e.generate_samples < 0:
@@ -557,7 +633,13 @@ def resolve_precision(precision: str, on_cuda: bool) -> str:
 
 def env_world_size() -> int:
     """The launcher's world size; under `srun` with one task per GPU, the step's task count."""
-    return int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        raw = os.environ.get(name)
+        if raw:
+            if not raw.strip().isdigit() or int(raw) < 1:
+                raise ConfigError(f"environment variable {name}={raw!r} is not a positive whole number; unset it or let the launcher set it")
+            return int(raw)
+    return 1
 
 
 __all__ = [
@@ -568,6 +650,7 @@ __all__ = [
     "dump_yaml",
     "to_dict",
     "read_model_config",
+    "check_model_config",
     "load_ds_json",
     "resolve_precision",
     "env_world_size",

@@ -9,6 +9,7 @@ never silently overridden.
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any
 
 from harness.config import ConfigError, Recipe
@@ -85,7 +86,58 @@ def _auto_paths(node: Any, prefix: str):
         yield prefix.rstrip(".")
 
 
+# Top-level keys of a DeepSpeed config (its documentation, 0.15-0.19). DeepSpeed ignores a top-level key it
+# does not know, so a misspelt "zero_optimizaton" silently trains at ZeRO-0: an unknown key this close to a
+# known one is refused. Keys far from all of these pass (a newer DeepSpeed may read them).
+DS_TOP_LEVEL_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "torch_autocast", "amp", "gradient_clipping", "prescale_gradients",
+    "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print", "wall_clock_breakdown",
+    "dump_state", "memory_breakdown", "flops_profiler", "monitor_config", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "activation_checkpointing", "sparse_attention", "data_efficiency", "curriculum_learning",
+    "compression_training", "autotuning", "elasticity", "checkpoint", "aio", "data_types", "communication_data_type",
+    "seq_parallel_communication_data_type", "disable_allgather", "dataloader_drop_last", "pipeline", "hybrid_engine",
+    "compile", "timers", "graph_harvesting", "use_data_before_expert_parallelism", "eigenvalue", "progressive_layer_drop",
+    "quantize_training", "weight_quantization", "nebula", "load_universal_checkpoint", "use_node_local_storage",
+    "tensor_parallel", "sequence_parallel_size", "vocabulary_size", "disable_python_gc", "zenflow",
+)
+
+
+def _zero_keys() -> set[str] | None:
+    """Every key zero_optimization accepts (field names and their stage3_* aliases), from DeepSpeed's own
+    schema, which refuses any other at deepspeed.initialize (after the model has loaded)."""
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return None
+    fields = DeepSpeedZeroConfig.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def check_ds_config(ds: dict, src: str) -> None:
+    """Keys and ZeRO stage of a DeepSpeed config, checked before any model loads."""
+    for key in ds:
+        if key not in DS_TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(key, DS_TOP_LEVEL_KEYS, n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"{src}: unknown key '{key}' (DeepSpeed would ignore it); did you mean '{close[0]}'?")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{src}: zero_optimization must be an object like {{\"stage\": 3}}, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3 (a number), got {stage!r}")
+    known = _zero_keys()
+    for key in zero if known else ():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'?" if close else "see DeepSpeed's ZeRO configuration reference"
+            raise ConfigError(f"{src}: unknown key 'zero_optimization.{key}' (DeepSpeed refuses it after the model has loaded); {hint}")
+
+
 def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a config that check_ds_config accepted."""
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 

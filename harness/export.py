@@ -164,8 +164,25 @@ def _save(model, tokenizer_path: str, out: Path, dtype: str) -> None:
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
 
 
-def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest", dtype: str = "fp32", log=print) -> dict:
-    """Write `out` in format `fmt` from `which` of `run_dir`; returns the figures of the checks."""
+def check_out_dir(out: Path, run: Path, model_path: str, overwrite: bool) -> None:
+    """Refuse to write over the base model, into the run's own files, or over an existing directory
+    (without `overwrite`): an export replaces config.json and *.safetensors where it writes."""
+    target, base, run_dir = out.resolve(), Path(model_path).resolve(), run.resolve()
+    if target == base or base in target.parents or target in base.parents:
+        raise ValueError(f"--out {out} would write into the base model {base} (the run's model.path); choose a new directory")
+    if target == run_dir or target in run_dir.parents:
+        raise ValueError(f"--out {out} would write over the run directory {run_dir}; choose a new directory")
+    if run_dir in target.parents and target.relative_to(run_dir).parts[0] in (checkpoint.CHECKPOINTS, "adapter", "model", "answers"):
+        raise ValueError(f"--out {out} is inside the run's own {target.relative_to(run_dir).parts[0]}/; choose a new directory")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty; choose a new directory or pass --overwrite")
+
+
+def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest", dtype: str = "fp32", log=print,
+           trust_remote_code: bool = False, overwrite: bool = False) -> dict:
+    """Write `out` in format `fmt` from `which` of `run_dir`; returns the figures of the checks.
+    `trust_remote_code` must be given here (not only in the run's recipe.yaml, which may come from
+    anyone) to run a model directory's own Python code."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in model_lib.DTYPES:
@@ -179,8 +196,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
     if is_lora == (fmt == "hf"):
         raise ValueError(f"format {fmt!r} does not apply to a method={recipe.method} run; "
                          f"use {'adapter or merged' if is_lora else 'hf'}")
-    source = find_source(run, which)
+    if recipe.model.trust_remote_code and not trust_remote_code:
+        raise ValueError(f"{recipe_file} sets model.trust_remote_code=true: loading {recipe.model.path} would run its Python "
+                         "code; pass --trust-remote-code if you trust that directory")
     out = Path(out)
+    check_out_dir(out, run, recipe.model.path, overwrite)
+    source = find_source(run, which)
     log(f"exporting {source.kind} {source.path}{f' (step {source.step})' if source.step is not None else ''} as {fmt} to {out}")
     from transformers import AutoModelForCausalLM
 

@@ -60,6 +60,26 @@ def peak_memory_gib(device: torch.device) -> dict:
     return out
 
 
+def records_up_to(path: Path, step: int) -> tuple[list[str], int]:
+    """The lines of a metrics.jsonl to keep when resuming from `step`: the step records up to it (the
+    step-less ones, such as the data summary, are written again by the resumed run), and how many lines
+    were not JSON objects."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        if not isinstance(record, dict):
+            torn += 1
+        elif record.get("step", step + 1) <= step:
+            kept.append(line)
+    return kept, torn
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step to output_dir/metrics.jsonl (rank 0 only)."""
 
@@ -72,14 +92,16 @@ class MetricsLogger:
         if not is_main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
         if resume_step and self.path.is_file():
-            # Resuming: keep the step records up to the checkpoint's step. Step-less records (the data
-            # summary) are written again by this run, so the old copies go.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", resume_step + 1) <= resume_step]
-        self.file = self.path.open("w", buffering=1)
-        self.file.writelines(line + "\n" for line in kept)
+            kept, torn = records_up_to(self.path, resume_step)
+            if torn:  # a write cut short by a crash or a full disk: the rest of the file is still good
+                print(f"{self.path}: dropped {torn} unreadable line(s) (a write cut short by a crash)", file=sys.stderr, flush=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")  # rewritten whole, then renamed: a crash here loses nothing
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        else:
+            self.path.write_text("")
+        self.file = self.path.open("a", buffering=1)
         if progress_bar:
             from tqdm import tqdm
 

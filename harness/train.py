@@ -9,7 +9,8 @@
     python harness/train.py --config harness/recipes/tiny_qlora.yaml --dry-run
 
 Overrides are `dotted.key=value` (YAML-typed) and win over the recipe file, which wins over defaults.
-Exit codes: 0 done, 2 bad recipe / input (one line on stderr naming the problem and the fix).
+Exit codes: 0 done, 2 bad recipe / input (one line on stderr naming the problem and the fix), 75
+stopped by SIGTERM / SIGUSR1 or the time limit (a checkpoint holds everything trained; requeue it).
 """
 
 from __future__ import annotations
@@ -33,10 +34,23 @@ if __package__ in (None, ""):  # run as a script (deepspeed / torchrun / python 
     sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+    import signal
+
+    def _preempted_before_start(signum, _frame):
+        # Until setup() installs checkpoint.StopFlag (seconds of imports), a preemption signal exits 75 at
+        # once: nothing exists to save, and the requeue needs that code (USR1's default action is to die).
+        code_file = os.environ.get("HARNESS_EXIT_CODE_FILE")
+        if code_file and os.environ.get("RANK", "0") == "0":
+            Path(code_file).write_text("75\n")
+        os._exit(75)
+
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_sig, _preempted_before_start)
+
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint, config, data, distributed, generation, kernels, metrics
+from harness import checkpoint, config, data, distributed, generation, kernels, metrics, run_lock
 from harness import model as model_lib
 from harness.memory import live as live_memory
 from harness.config import ConfigError
@@ -170,13 +184,19 @@ def train_step(engine, window: list[dict], dist: distributed.DistInfo,
 
 
 @torch.no_grad()
-def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInfo, pad_id: int) -> float:
-    """Token-weighted validation loss over the whole set, identical on every rank."""
+def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInfo, pad_id: int, stop=None) -> float | None:
+    """Token-weighted validation loss over the whole set, identical on every rank. With `stop` (a
+    StopFlag), None when a rank was signalled: every rank checks it before each batch (a long eval would
+    otherwise hold a preemption back until it ends)."""
     engine.eval()
     loss_sum = tokens = 0.0
     flat = data.flat_batches(recipe.data, engine.module)
     per_forward = recipe.eval.batch_size or recipe.train.micro_batch_size
     for idx, weights in data.eval_batches(len(val), per_forward, dist.world_size, dist.rank, recipe.eval.max_samples):
+        if stop is not None and stop.should_stop(dist.device):  # sync point: all ranks leave the eval together
+            engine.empty_partition_cache()
+            engine.train()
+            return None
         # weight 0 = a repeat that keeps ranks in step: no loss on it
         batch = data.collate([val[i] if w else data.without_targets(val[i]) for i, w in zip(idx, weights)], pad_id, flatten=flat)
         batch = {k: v.to(dist.device) for k, v in batch.items()}
@@ -247,6 +267,8 @@ class Run:
     state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain, exact_match_step0 and exact_match (saved in checkpoints)
     hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
     memory: dict | None = None  # the last live footprint (harness/memory/live.py)
+    output_lock: object = None  # rank 0: the open, flock-ed output_dir/.harness.lock (harness/run_lock.py)
+    fingerprint: dict | None = None  # checkpoint.recipe_fingerprint, recorded in every checkpoint's manifest
 
 
 def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> Run:
@@ -254,19 +276,40 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
+    # Signals from here on end in exit 75 (at once while nothing is trained; see StopFlag), the
+    # rendezvous included: a job stuck waiting for its nodes can still be preempted cleanly.
+    stop = checkpoint.StopFlag(max_runtime_s=60 * recipe.checkpoint.max_runtime_minutes, margin_s=60 * recipe.checkpoint.exit_margin_minutes)
     dist = distributed.init_distributed()
+    # One run per output_dir: rank 0 takes the lock (held until it exits) and every rank learns the verdict.
+    lock, problem = None, [None]
+    if dist.is_main:
+        try:
+            lock = run_lock.acquire(recipe.output_dir)
+        except ConfigError as e:
+            problem = [str(e)]
+    torch.distributed.broadcast_object_list(problem, src=0)  # sync point: no rank goes on when the lock failed
+    if problem[0]:
+        raise ConfigError(problem[0])
     t = recipe.train
     # Before anything is allocated, so the snapshot shows the model load as well as the steps.
     snapshot = recipe.log.memory_snapshot and live_memory.start_snapshot(dist.device)
     torch.manual_seed(t.seed)
     c = recipe.checkpoint
-    stop = checkpoint.StopFlag(max_runtime_s=60 * c.max_runtime_minutes, margin_s=60 * c.exit_margin_minutes)
-    # Rank 0 picks (and verifies) the checkpoint to resume from; every rank uses its choice.
-    choice = [None]
+    # Rank 0 picks (and verifies) the checkpoint to resume from, and checks that this recipe may continue
+    # it (the fingerprint in its manifest); every rank uses its choice.
+    fingerprint = checkpoint.recipe_fingerprint(recipe)
+    choice = [None, None]
     if dist.is_main:
         found = checkpoint.find_resume_dir(recipe.output_dir, c.resume, log=print, check_hashes=c.verify == "sha256")
-        choice = [str(found) if found else None]
-    torch.distributed.broadcast_object_list(choice, src=0)
+        refused, allowed = checkpoint.resume_changes(checkpoint.read_manifest(found).get("recipe") or fingerprint, fingerprint) if found else ([], [])
+        if allowed:
+            print(f"resuming {found.name} with {len(allowed)} recipe change(s): {'; '.join(allowed[:8])}{' ...' if len(allowed) > 8 else ''}", flush=True)
+        problem = (f"{found} was trained with another recipe ({'; '.join(refused)}), and these keys decide what the checkpoint "
+                   "holds; restore them, or train afresh in another output_dir (or with checkpoint.resume=none)") if refused else None
+        choice = [str(found) if found else None, problem]
+    torch.distributed.broadcast_object_list(choice, src=0)  # sync point: every rank resumes the same checkpoint, or none
+    if choice[1]:
+        raise ConfigError(choice[1])
     resume_dir = Path(choice[0]) if choice[0] else None
     state = {"step": 0, "tokens_seen": 0.0, "elapsed_s": 0.0, "best_val": math.inf, "evals_without_gain": 0}
     universal_dir = None
@@ -350,6 +393,15 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
     engine.train()
     if resume_dir is not None:
         state = checkpoint.load_checkpoint(engine, resume_dir, dist, exclude_frozen=recipe.method != "full", universal_dir=universal_dir)
+        # checkpoint.verify=size reads a sample of each file: a corrupted value elsewhere shows here, as a
+        # NaN or an absurd magnitude in what this rank loaded (every rank checks its own shard).
+        bad = checkpoint.loaded_state_problem(engine)
+        verdicts = [None] * dist.world_size
+        torch.distributed.all_gather_object(verdicts, bad)  # sync point: every rank stops if any shard is bad
+        bad_rank = next((r for r, v in enumerate(verdicts) if v), None)
+        if bad_rank is not None:
+            raise checkpoint.CheckpointError(f"checkpoint {resume_dir} is corrupted: rank {bad_rank} loaded {verdicts[bad_rank]}; resume from an older "
+                               f"checkpoint (checkpoint.resume=PATH) and keep checkpoint.verify=sha256, which reads every byte")
         log.message(f"resumed from {resume_dir}{' (universal copy)' if universal_dir else ''} at step {state['step']}")
 
     # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
@@ -364,7 +416,8 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         recompute_fraction=n_ckpt / n_layers,
     )
     return Run(recipe, dist, tokenizer, pad_id, train_set, val_set, sampler, engine, scheduler, log,
-               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config)
+               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config, output_lock=lock,
+               fingerprint=fingerprint)
 
 
 def fit(run: Run) -> tuple[int, bool]:
@@ -390,6 +443,7 @@ def fit(run: Run) -> tuple[int, bool]:
         measured = every and (step == 1 or step % every == 0)
         phases = live_memory.PhasePeaks(dist.device) if measured else None
         t0 = time.perf_counter()
+        run.stop.clean = False  # from here until the next checkpoint a signal only sets the flag
         loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist, phases)
         step_s = time.perf_counter() - t0
         state["tokens_seen"] += global_tokens
@@ -415,11 +469,13 @@ def fit(run: Run) -> tuple[int, bool]:
                 record["mfu"] = run.flops_per_token * global_tokens / step_s / (run.peak_flops * dist.world_size)
             log.log(record)
         log.advance()
+        val_loss = None
         if do_eval and (step % recipe.eval.every_steps == 0 or step == t.max_steps):
-            val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
+            val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id, stop=run.stop)  # None: a signal cut it short
+        if val_loss is not None:
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
             log.message(f"step {step}: val_loss {val_loss:.4f}")
-            if recipe.eval.generate_samples:
+            if recipe.eval.generate_samples and not run.stop.should_stop(dist.device):  # (collective: all ranks agree)
                 state["exact_match"] = answer_eval(run, step)
             # Early stopping: val_loss is all-reduced, so every rank takes the same decision.
             if val_loss < state["best_val"] - recipe.eval.early_stopping_min_delta:
@@ -434,8 +490,10 @@ def fit(run: Run) -> tuple[int, bool]:
         due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (ckpt.every_minutes and time.perf_counter() - last_save >= 60 * ckpt.every_minutes)
         if (due or stopping) and step < t.max_steps:
             state.update(step=step, elapsed_s=time.perf_counter() - start)
-            path = checkpoint.save_checkpoint(engine, recipe.output_dir, step, state, dist, exclude_frozen=recipe.method != "full", keep_last=ckpt.keep_last)
+            path = checkpoint.save_checkpoint(engine, recipe.output_dir, step, state, dist, exclude_frozen=recipe.method != "full",
+                                              keep_last=ckpt.keep_last, recipe=run.fingerprint)
             last_save = time.perf_counter()
+            run.stop.clean = True  # everything is on disk: a signal from here on exits at once
             log.message(f"checkpoint {path} ({'stop: ' + run.stop.reason if stopping else 'periodic'})")
         if stopping and step < t.max_steps:
             return step, True
@@ -467,13 +525,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run = setup(recipe, precision, ds, model_cfg)
-    except ConfigError as e:  # data errors are found while loading the data, still before the model
+    except (ConfigError, checkpoint.CheckpointError) as e:  # data errors come before the model; a bad checkpoint after it
         return report_error(e)
+    except checkpoint.Preempted as e:  # a signal while loading: nothing trained yet, so nothing to save
+        print(f"stopped during setup ({e}); nothing to save: exit {checkpoint.EXIT_PREEMPTED} to be requeued", flush=True)
+        return checkpoint.EXIT_PREEMPTED
     except torch.cuda.OutOfMemoryError:  # loading or deepspeed.initialize: what was live, and who allocated it
         dump_memory_snapshot(recipe.output_dir, "out of memory while loading", lambda m: print(m, file=sys.stderr, flush=True))
         raise
     try:
         last_step, stopped = fit(run)
+    except checkpoint.Preempted as e:  # a signal while everything was saved (the step-0 eval, just after a checkpoint)
+        run.log.message(f"stopped at step {run.state['step']} ({e}) with nothing unsaved; exit {checkpoint.EXIT_PREEMPTED} to be requeued")
+        run.log.close()
+        return checkpoint.EXIT_PREEMPTED
     except torch.cuda.OutOfMemoryError:
         dump_memory_snapshot(recipe.output_dir, "out of memory", run.log.message)
         raise

@@ -38,6 +38,8 @@ cd "$HARNESS_DIR"
 LOG_DIR=${LOG_DIR:-logs}  # pre-flight output and exit-code files; keep it beside sbatch's --output
 mkdir -p "$LOG_DIR"
 HARNESS_SITE=${HARNESS_SITE:-default}
+# a site is a file name in slurm/env/, never a path: a '../' would source any script on the machine
+[[ $HARNESS_SITE =~ ^[A-Za-z0-9_.-]+$ && $HARNESS_SITE != *..* ]] || die "HARNESS_SITE=$HARNESS_SITE is not a site name; use the name of a file in slurm/env/ (letters, digits, . _ -), without .sh"
 [ -f "slurm/env/$HARNESS_SITE.sh" ] || die "no site file slurm/env/$HARNESS_SITE.sh (HARNESS_SITE=$HARNESS_SITE)"
 # shellcheck source=slurm/env/default.sh
 source "slurm/env/$HARNESS_SITE.sh"

@@ -35,7 +35,8 @@ def test_manifest_detects_truncation_corruption_and_missing_files(tmp_path):
     assert "truncated" in checkpoint.verify(d)
     blob.write_bytes(data[:-1] + b"\x00")  # same size, one byte flipped
     assert "checksum" in checkpoint.verify(d)
-    assert checkpoint.verify(d, check_hashes=False) is None  # size-only verification misses it, as documented
+    # verify=size hashes a sample of each file: all of a file up to 1 MiB, like this one (larger files: 16 blocks)
+    assert "sampled checksum mismatch" in checkpoint.verify(d, check_hashes=False)
     blob.unlink()
     assert "missing" in checkpoint.verify(d)
     (d / checkpoint.MANIFEST).unlink()
@@ -103,14 +104,21 @@ def test_loading_refuses_pickled_code_unless_trusted(tmp_path, monkeypatch, caps
     torch.save({"module": {"w": torch.arange(3.0)}, "zero_stage": ZeroStageEnum.weights}, good)
     with checkpoint.weights_only_loading():
         # DeepSpeed passes weights_only=False itself; inside the block that is overridden
-        with pytest.raises(ValueError, match=r"holds a pickled print, which the harness does not unpickle.*HARNESS_TRUST_CHECKPOINT_PICKLES=1"):
+        with pytest.raises(ValueError, match=rf"holds a pickled print, which the harness does not unpickle.*HARNESS_TRUST_CHECKPOINT_PICKLES={tmp_path.resolve()} "):
             torch.load(bad, weights_only=False)
         loaded = torch.load(good, weights_only=False)  # tensors and allow-listed DeepSpeed classes load
     assert torch.equal(loaded["module"]["w"], torch.arange(3.0)) and loaded["zero_stage"] is ZeroStageEnum.weights
     assert "this ran" not in capsys.readouterr().out
     assert torch.load.__module__ == "torch.serialization"  # restored after the block
 
-    monkeypatch.setenv(checkpoint.TRUST_PICKLES_ENV, "1")
+    # Trust is per directory: "1" (what it used to take) and another directory trust nothing here
+    other = tmp_path / "other"
+    other.mkdir()
+    for value in ("1", str(other)):
+        monkeypatch.setenv(checkpoint.TRUST_PICKLES_ENV, value)
+        with checkpoint.weights_only_loading(), pytest.raises(ValueError, match="does not unpickle"):
+            torch.load(bad, weights_only=False)
+    monkeypatch.setenv(checkpoint.TRUST_PICKLES_ENV, str(tmp_path))
     with checkpoint.weights_only_loading():
         torch.load(bad, weights_only=False)
     assert "this ran while loading" in capsys.readouterr().out

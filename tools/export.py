@@ -2,6 +2,7 @@
 """Export a harness run: consolidated Hugging Face model, peft adapter, or LoRA merged into the base.
 
     python tools/export.py RUN_DIR --format merged --out exported/ [--from latest|final|step_N|PATH] [--dtype bf16]
+                           [--overwrite] [--trust-remote-code]
 
   --format hf       method=full runs: ZeRO-3 shards -> safetensors model directory
   --format adapter  lora/qlora/int8 runs: the LoRA weights in peft format
@@ -9,6 +10,8 @@
   --from            latest (default: newest verified checkpoint, else the final output), final
                     (RUN_DIR/adapter or RUN_DIR/model), step_N or N, or a checkpoint/adapter directory
   --dtype           dtype written (fp32 default); the checks always run in fp32
+  --overwrite       write into an existing non-empty --out (never the base model or the run's own files)
+  --trust-remote-code  needed to export a run whose recipe sets model.trust_remote_code (its code runs)
 
 Each export verifies itself (logits on seeded random tokens, max difference <= 1e-5) and exits 1 if
 a check fails; bad arguments exit 2. Runs on CPU; see harness/export.py for the memory it needs.
@@ -33,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="directory to write (created)")
     ap.add_argument("--from", dest="which", default="latest", help="latest | final | step_N | N | a directory")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --out directory")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow the model directory's own Python code (needed when the run's recipe sets model.trust_remote_code)")
     a = ap.parse_args(argv)
     try:
-        report = export.export(a.run_dir, a.format, a.out, which=a.which, dtype=a.dtype)
+        report = export.export(a.run_dir, a.format, a.out, which=a.which, dtype=a.dtype,
+                               trust_remote_code=a.trust_remote_code, overwrite=a.overwrite)
     except (ValueError, ConfigError) as e:
         print(f"export: {e}", file=sys.stderr)
         return 2

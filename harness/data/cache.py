@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -106,31 +107,73 @@ def _tokenize_all(cfg: DataConfig, tokenizer, tmp_dir: str | None) -> tuple[list
     return parts, errors
 
 
-def _save_cache(entry: Path, parts: list[TokenPart], errors: list, doc: dict, tokenize_s: float) -> None:
+def content_digest(cfg: DataConfig) -> str:
+    """Hash of the bytes of every data file (rank 0, once per run). The cache key holds sizes and mtimes,
+    which an in-place edit can leave unchanged; this catches such an edit. BLAKE2b reads at disk speed,
+    far faster than tokenising the same bytes."""
+    h = hashlib.blake2b(digest_size=32)
+    for spec in source_plan(cfg):
+        p = Path(spec.path)
+        for x in sorted(y for y in p.rglob("*") if y.is_file()) if p.is_dir() else [p]:
+            h.update(str(x).encode())
+            with open(x, "rb") as f:
+                h.update(hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=32)).digest())
+    return h.hexdigest()
+
+
+def _shareable(path: Path) -> None:
+    """mkdtemp makes 0700 directories: give the entry the permissions the umask allows, so a cache_dir
+    shared between users (a team's data cache) is readable by the others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for f in path.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
+def _save_cache(entry: Path, parts: list[TokenPart], errors: list, doc: dict, tokenize_s: float, digest: str) -> None:
+    """Write the entry into a temporary directory, then rename it into place (readers see a whole entry or
+    none). Any failure (a full disk shows as a SafetensorError) removes the temporary directory."""
     from safetensors.numpy import save_file
 
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp", dir=entry.parent))
-    arrays = {}
-    for k, p in enumerate(parts):
-        arrays.update({f"{k}.ids": p.ids, f"{k}.targets": p.targets, f"{k}.lengths": p.lengths})
-    save_file(arrays, str(tmp / "tokens.safetensors"))
-    meta = {"key": doc, "stats": [dataclasses.asdict(p.stats) for p in parts], "errors": errors[:MAX_EXAMPLES * 10], "tokenize_s": tokenize_s}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
-        tmp.rename(entry)  # atomic: readers see a whole entry or none
+        arrays = {}
+        for k, p in enumerate(parts):
+            arrays.update({f"{k}.ids": p.ids, f"{k}.targets": p.targets, f"{k}.lengths": p.lengths})
+        save_file(arrays, str(tmp / "tokens.safetensors"))
+        meta = {"key": doc, "content": digest, "stats": [dataclasses.asdict(p.stats) for p in parts],
+                "errors": errors[:MAX_EXAMPLES * 10], "tokenize_s": tokenize_s}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        _shareable(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if entry.exists():  # a stale or unreadable entry of the same key (its data changed in place): replace it
+        shutil.rmtree(entry, ignore_errors=True)
+    try:
+        tmp.rename(entry)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another job wrote the same entry first
         if not (entry / "meta.json").is_file():
             raise
 
 
-def _load_cache(entry: Path) -> tuple[list[TokenPart], list[str], float]:
+def _load_cache(entry: Path, digest: str | None = None) -> tuple[list[TokenPart], list[str], float]:
+    """The entry's parts; ValueError when it cannot be read whole or (with `digest`) was made from other bytes."""
     from safetensors.numpy import load_file
 
-    meta = json.loads((entry / "meta.json").read_text())
-    arrays = load_file(str(entry / "tokens.safetensors"))
-    parts = [TokenPart(SourceStats(**s), arrays[f"{k}.ids"], arrays[f"{k}.targets"], arrays[f"{k}.lengths"]) for k, s in enumerate(meta["stats"])]
-    return parts, meta["errors"], meta["tokenize_s"]
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if digest is not None and meta.get("content") != digest:
+            raise ValueError("the data files changed since it was written (same sizes and times, other bytes)")
+        arrays = load_file(str(entry / "tokens.safetensors"))
+        parts = [TokenPart(SourceStats(**s), arrays[f"{k}.ids"], arrays[f"{k}.targets"], arrays[f"{k}.lengths"]) for k, s in enumerate(meta["stats"])]
+        return parts, meta["errors"], meta["tokenize_s"]
+    except ValueError:
+        raise
+    except Exception as e:  # truncated JSON or safetensors, a missing array: whatever a crash or a disk left
+        raise ValueError(f"unreadable ({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def tokenize_once(cfg: DataConfig, tokenizer, *, cache_dir: str | None, rank: int = 0, world_size: int = 1, say=print):
@@ -145,11 +188,15 @@ def tokenize_once(cfg: DataConfig, tokenizer, *, cache_dir: str | None, rank: in
     parts, errors, tok_s = None, [], 0.0
     if rank == 0 or entry is None:
         try:
+            digest = content_digest(cfg) if entry is not None else ""
             if entry is not None and (entry / "meta.json").is_file():
-                parts, errors, tok_s = _load_cache(entry)
-                status = "hit"
-                say(f"data: tokenised data from the cache {entry}")
-            else:
+                try:
+                    parts, errors, tok_s = _load_cache(entry, digest)
+                    status = "hit"
+                    say(f"data: tokenised data from the cache {entry}")
+                except ValueError as e:
+                    say(f"data: the cache {entry} is not usable: {e}; tokenising again and replacing it")
+            if parts is None:
                 t0 = time.perf_counter()
                 if entry is not None:
                     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -160,10 +207,10 @@ def tokenize_once(cfg: DataConfig, tokenizer, *, cache_dir: str | None, rank: in
                 if entry is not None:
                     status = "miss"
                     try:
-                        _save_cache(entry, parts, errors, doc, tok_s)
+                        _save_cache(entry, parts, errors, doc, tok_s, digest)
                         say(f"data: wrote the cache {entry}")
-                    except OSError as e:
-                        say(f"data: could not write the cache {entry} ({e}); other ranks tokenise for themselves")
+                    except Exception as e:  # OSError, or safetensors' SafetensorError on a full disk: the cache is optional
+                        say(f"data: could not write the cache {entry} ({type(e).__name__}: {e}); other ranks tokenise for themselves")
         except ConfigError as e:
             err = str(e)
     if world_size > 1 and entry is not None and torch.distributed.is_initialized():
@@ -172,10 +219,10 @@ def tokenize_once(cfg: DataConfig, tokenizer, *, cache_dir: str | None, rank: in
         err, status = box
     if err is not None:
         raise ConfigError(err)
-    if parts is None:  # rank > 0 with a cache
-        if (entry / "meta.json").is_file():
+    if parts is None:  # rank > 0 with a cache (rank 0 has checked, or rewritten, it)
+        try:
             parts, errors, tok_s = _load_cache(entry)
-        else:
-            print(f"rank {rank}: the data cache {entry} is not visible here (not a shared filesystem?); tokenising locally", flush=True)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"rank {rank}: the data cache {entry} is not readable here ({e}; not a shared filesystem?); tokenising locally", flush=True)
             parts, errors = _tokenize_all(cfg, tokenizer, None)
     return parts, errors, status, tok_s

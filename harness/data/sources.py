@@ -48,6 +48,30 @@ def _is_blank(path: Path) -> bool:
     return not path.read_bytes().strip()
 
 
+def _check_utf8(path: Path, chunk_bytes: int = 64 << 20) -> None:
+    """A text data file must be UTF-8: name the first line that is not (a latin-1 or UTF-16 export)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                # e.start is within this chunk plus what the decoder held back (at most 3 bytes)
+                held = len(e.object) - len(chunk)
+                pos = max(0, e.start - held)
+                line = lines_before + chunk.count(b"\n", 0, pos) + 1
+                raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at file offset {offset + pos}); "
+                                  f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+            if not chunk:
+                return
+            lines_before += chunk.count(b"\n")
+            offset += len(chunk)
+
+
 def _json_by_line(path: Path, on_error: str, st: SourceStats, errors: list, why: Exception):
     """`datasets` could not read a JSON file: find the bad lines (file:line), skip them or fail."""
     import datasets
@@ -109,6 +133,8 @@ def load_source(path: str, fmt: str, columns: dict, on_error: str, st: SourceSta
             raise ConfigError(f"{p}: unknown file type '{p.suffix}'; use .jsonl, .json, .parquet, .csv or a saved dataset directory")
         if _is_blank(p):
             raise ConfigError(f"{p}: the file is empty (no rows); fill it or remove the source")
+        if kind != "parquet":
+            _check_utf8(p)
         origin = RowOrigin(str(p), jsonl=kind == "json" and not p.read_bytes()[:4096].lstrip().startswith(b"["))
         with tempfile.TemporaryDirectory(dir=tmp_dir) as hf_cache:  # datasets' Arrow copy: read into memory, then gone
             try:

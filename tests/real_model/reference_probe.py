@@ -7,6 +7,7 @@ A fresh run (no checkpoint in output_dir) records, in OUT_DIR (rank 0 writes):
 - init.safetensors: the trainable tensors before any step (LoRA methods only; gathered from ZeRO-3);
 - the validation loss at step 0 in the recipe's layout and in the packed layout (padding_free: each
   eval micro-batch as one row with position ids);
+- with eval.generate_samples > 0, then the greedy answers (train.answer_eval) in the run's answers/;
 - grads_step1.safetensors: every trainable tensor's gradient in step 1 (gathered, before the
   optimizer uses it) and params_step1.safetensors, the trainable tensors after it;
 - with STEPS=2, then the validation losses after step 1 and a checkpoint of step 1 (its step 2 is
@@ -97,6 +98,9 @@ def main() -> int:
             save("init.safetensors", gathered(run.engine, "param"))
         record["val_step0"] = val_losses(run)
         mark("eval 0")
+        if recipe.eval.generate_samples:  # greedy answers too (rank 0 writes output_dir/answers/step_00000000.jsonl)
+            train.answer_eval(run, 0)
+            mark("answers 0")
         save("grads_step1.safetensors", step_with_grads(run, 1))
         save("params_step1.safetensors", gathered(run.engine, "param"))
         mark("step 1")
@@ -104,7 +108,8 @@ def main() -> int:
         record["val_step1"] = val_losses(run)
         mark("eval 1")
         run.state.update(step=1)
-        checkpoint.save_checkpoint(run.engine, recipe.output_dir, 1, run.state, run.dist, exclude_frozen=recipe.method != "full", keep_last=2)
+        checkpoint.save_checkpoint(run.engine, recipe.output_dir, 1, run.state, run.dist, exclude_frozen=recipe.method != "full", keep_last=2,
+                                   recipe=run.fingerprint)
         mark("save")
     elif start == 1:
         record["val_step1"] = val_losses(run)

@@ -1,8 +1,9 @@
 """Real learning, measured by what the model says: the demo recipe (what `make demo` runs) fine-tunes
 SmolLM2-135M-Instruct with ZeRO-3 QLoRA on 2 CPU ranks, and its greedy answers to 64 held-out prompts
-go from (almost) none right to many right. The answers the harness logged for the trained model are
-then reproduced by plain peft (the saved adapter on the base quantised by transformers +
-bitsandbytes) and by plain transformers (the `merged` export), from prompts rendered here.
+go from (almost) none right to many right. The answers the harness logged are then reproduced from
+prompts rendered here: before training by plain transformers + bitsandbytes (the quantised base),
+after it by plain peft (the saved adapter on that base) and by plain transformers (the `merged`
+export).
 """
 
 from __future__ import annotations
@@ -62,7 +63,17 @@ def test_demo_learns_and_plain_libraries_give_the_same_answers(real_model, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(real_model))
-    peft_model = PeftModel.from_pretrained(ref.load_base(real_model, quantized=True, attn="sdpa"), str(run / "adapter"))
+    base = ref.load_base(real_model, quantized=True, attn="sdpa")
+    # Before training (LoRA's B = 0: the base model): the harness's step-0 answers, and so its "before"
+    # rate, are those of plain generate() on the base quantised by transformers + bitsandbytes.
+    logged_before = [json.loads(line) for line in (run / "answers" / "step_00000000.jsonl").read_text().splitlines()][:COMPARED]
+    base_answers = ref.greedy_answers(base, tok, rows, max_new_tokens=24, batch=COMPARED)
+    base_right = sum(a == r["output"] for a, r in zip(base_answers, rows))
+    print(f"before training: plain bitsandbytes differs on {[i for i, (a, b) in enumerate(zip(base_answers, logged_before)) if a != b['answer']]}, "
+          f"right: harness {sum(a['correct'] for a in logged_before)}, plain {base_right}")
+    assert base_answers == [a["answer"] for a in logged_before]
+    assert base_right <= MAX_BEFORE * COMPARED
+    peft_model = PeftModel.from_pretrained(base, str(run / "adapter"))
     peft_answers = ref.greedy_answers(peft_model, tok, rows, max_new_tokens=24, batch=COMPARED)
     del peft_model
     launch([str(run), "--format", "merged", "--out", str(tmp_path / "merged")], script=str(REPO / "tools" / "export.py"), timeout_s=600)

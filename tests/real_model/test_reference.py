@@ -8,6 +8,8 @@ transformers / peft / bitsandbytes / torch within 1e-4 relative (fp32):
   after that eval pass;
 - the optimizer update of step 1 against torch AdamW (after global-norm clipping, weight decay on)
   applied to the same gradients from the same weights;
+- where a case asks for them (ANSWERS), the greedy answers at step 0, generated between that eval pass
+  and step 1's gradient, against plain transformers `generate()` on the base model, token for token;
 - for the cases marked resumed: the validation loss after step 1, in the same process before a
   checkpoint save and in a new process resumed from that checkpoint, and the resumed run's step-2
   gradients, against the reference at the harness's weights after step 1.
@@ -38,6 +40,8 @@ TOL = 1e-4
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 5e-4, 0.01, 1.0
 LORA = ref.Lora(r=8, alpha=16, dropout=0.0)
 
+# 4 greedy answers of up to 8 tokens at step 0 (train.answer_eval), in 2 batches of 2: one per rank
+ANSWERS = ["eval.generate_samples=4", "eval.generate_batch_size=2", "eval.max_new_tokens=8"]
 # name: (method, deepspeed config, ranks, loader, resumed in a new process, extra overrides)
 CASES = {
     "full-zero0": ("full", "zero0", 1, "hf", False, []),
@@ -45,7 +49,8 @@ CASES = {
     "qlora-zero0": ("qlora", "zero0", 1, "hf", False, []),
     "full-zero3-streamed": ("full", "zero3", 2, "streamed", True, []),
     "lora-zero3-streamed": ("lora", "zero3", 2, "streamed", True, []),
-    "qlora-zero3-streamed": ("qlora", "zero3", 2, "streamed", True, []),
+    # greedy answers (the whole model gathered) before step 1's gradient, each compared with plain bitsandbytes
+    "qlora-zero3-streamed": ("qlora", "zero3", 2, "streamed", True, ANSWERS),
     "full-zero3-hf": ("full", "zero3", 2, "hf", False, []),
     "lora-zero3-hf": ("lora", "zero3", 2, "hf", False, []),
     # training rows packed: the 4 samples in 2 rows of up to 128 tokens (1 row per rank and step)
@@ -190,6 +195,17 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
         err = abs(got - want["val_step0_bnb"]) / want["val_step0_bnb"]
         figures["val_step0 vs bitsandbytes 4-bit"] = (got, want["val_step0_bnb"], err)
         assert err <= TOL
+    if "answers 0" in fresh["phases_s"]:  # the harness's step-0 answers = plain generate() on the base model
+        from transformers import AutoTokenizer
+
+        logged = [json.loads(line) for line in (tmp_path / "run" / "answers" / "step_00000000.jsonl").read_text().splitlines()]
+        batch, tokens = (int(next(a for a in extra if a.startswith(k)).split("=")[1]) for k in ("eval.generate_batch_size", "eval.max_new_tokens"))
+        base = ref.load_base(real_model, quantized=method == "qlora", attn="sdpa")  # LoRA's B = 0 at step 0: the base
+        plain = ref.greedy_answers(base, AutoTokenizer.from_pretrained(str(real_model)), val_rows[: len(logged)], max_new_tokens=tokens, batch=batch)
+        harness_answers = [a["answer"] for a in logged]
+        figures["step-0 answers equal to plain generate()"] = f"{sum(a == b for a, b in zip(harness_answers, plain))}/{len(plain)}"
+        assert [a["prompt"] for a in logged] == [ref.alpaca_prompt(r) for r in val_rows[:4]]
+        assert harness_answers == plain, (harness_answers, plain)
     if resumed and method != "full":
         assert fresh["val_step1"]["padded"] < fresh["val_step0"]["padded"]  # one step on 4 rows already helps
     FIGURES[case] = figures
