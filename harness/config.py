@@ -407,6 +407,30 @@ def read_model_config(model_path: str) -> dict:
     return cfg
 
 
+# A fast tokenizer file or a sentencepiece / BPE vocabulary: one must be in the model directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """The header of a .safetensors file (8-byte length, JSON) and that the file holds all the bytes its
+    header lists: a truncated copy or a corrupt download, named before minutes of loading."""
+    fix = "copy or download that file again"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ConfigError(f"{path}: not a safetensors file (header length {n}, file {size} bytes); {fix}")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: corrupt safetensors header ({e}); {fix}") from None
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise ConfigError(f"{path}: truncated ({size} bytes, its header lists {need}); {fix}")
+
+
 def check_model_config(cfg: dict, model_path: str) -> None:
     """A decoder-only model of the kind the harness builds (Llama, Mistral, Qwen2 and their relatives)."""
     missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] <= 0]
@@ -462,6 +486,11 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError(f"model.path '{mp}' has no config.json; it must be a Hugging Face model directory")
     if not any(Path(mp).glob("*.safetensors")):
         raise ConfigError(f"model.path '{mp}' has no *.safetensors weights; convert the checkpoint to safetensors")
+    for shard in sorted(Path(mp).glob("*.safetensors")):
+        check_safetensors_file(shard)
+    if not any((Path(mp) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"model.path '{mp}' has no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the tokenizer files "
+                          "of the model it was trained from into it")
     model_cfg = read_model_config(mp)
     check_model_config(model_cfg, mp)
     n_layers = model_cfg["num_hidden_layers"]

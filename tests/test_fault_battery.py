@@ -51,6 +51,30 @@ def model_copy(tmp: Path, model: Path, edit) -> Path:
     return d
 
 
+def model_files(tmp: Path, model: Path, damage) -> Path:
+    """A copy of the tiny model with damage(directory) done to its files."""
+    d = tmp / "damaged"
+    shutil.copytree(model, d)
+    damage(d)
+    return d
+
+
+def truncate_weights(d: Path) -> None:
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1000])  # a copy cut short
+
+
+def garbage_weights(d: Path) -> None:
+    (d / "model.safetensors").write_bytes(b"<html>404 Not Found</html>" * 10)  # a failed download
+
+
+def bad_header(d: Path) -> None:
+    w = d / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[9:20] = b"\xff" * 11  # inside the JSON header
+    w.write_bytes(bytes(data))
+
+
 def gpt2(cfg: dict) -> dict:
     return {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": cfg["vocab_size"]}
 
@@ -164,6 +188,14 @@ CASES = {
                               ["config.json:2:", "not valid JSON", "restore the model's config.json"]),
     "model-config-a-list": (lambda t, m: check(t, model_copy(t, m, lambda c: "[1, 2]")), ConfigError, ["must be a JSON object"]),
     "model-hidden-size-zero": (lambda t, m: check(t, model_copy(t, m, lambda c: {**c, "hidden_size": 0})), ConfigError, ["lacks hidden_size"]),
+    "model-weights-truncated": (lambda t, m: check(t, model_files(t, m, truncate_weights)), ConfigError,
+                                ["model.safetensors: truncated", "its header lists", "copy or download that file again"]),
+    "model-weights-garbage": (lambda t, m: check(t, model_files(t, m, garbage_weights)), ConfigError,
+                              ["model.safetensors: not a safetensors file"]),
+    "model-weights-bad-header": (lambda t, m: check(t, model_files(t, m, bad_header)), ConfigError,
+                                 ["model.safetensors: corrupt safetensors header"]),
+    "model-no-tokenizer": (lambda t, m: check(t, model_files(t, m, lambda d: (d / "tokenizer.json").unlink())), ConfigError,
+                           ["has no tokenizer", "tokenizer.json or tokenizer.model", "copy the tokenizer files"]),
     # the environment (item 9)
     "world-size-word": (lambda t, m: world_size_env("abc"), ConfigError, ["WORLD_SIZE='abc'", "positive whole number"]),
     "world-size-zero": (lambda t, m: world_size_env("0"), ConfigError, ["WORLD_SIZE='0'"]),
