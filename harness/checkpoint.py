@@ -560,6 +560,7 @@ class StopFlag:
 
         self.reason = self.reason or self._launcher_gone or signal.Signals(signum).name
         if self.clean:
+            self.clean = False  # once: a second signal (the launcher's, while this one unwinds) only sets the flag
             raise Preempted(self.reason)
 
     def should_stop(self, device) -> bool:

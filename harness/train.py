@@ -508,6 +508,12 @@ def report_error(e: Exception) -> int:
     the launcher (which kills all ranks when one exits) does not kill rank 0 before it has spoken."""
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
+        import signal
+
+        # The launcher answers rank 0's exit with a SIGTERM to this rank: the run is over, and StopFlag's
+        # handler must not turn the wait into a preemption traceback.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         time.sleep(10)
     print(f"error: {e}" if rank == 0 else f"error: (rank {rank}) {e}", file=sys.stderr, flush=True)
     return EXIT_CONFIG_ERROR
@@ -535,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     try:
         last_step, stopped = fit(run)
+        run.stop.clean = False  # from here a signal (the launcher's, when another rank exits first) only sets the flag
     except checkpoint.Preempted as e:  # a signal while everything was saved (the step-0 eval, just after a checkpoint)
         run.log.message(f"stopped at step {run.state['step']} ({e}) with nothing unsaved; exit {checkpoint.EXIT_PREEMPTED} to be requeued")
         run.log.close()

@@ -11,6 +11,7 @@ grace window of the templates.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -137,7 +138,8 @@ def test_sigterm_to_the_deepspeed_runner_and_a_second_run_on_its_output_dir(tiny
         p.kill()
     assert not alive, f"ranks left running after the runner died:\n{tail(log)}"
     text = tail(log, 20000)
-    assert "the deepspeed launcher" in text and "exited" in text, text
+    # rank 0 logs: its own watcher's reason, or the vote of rank 1, whose watcher saw it first
+    assert re.search(r"\(stop: (the deepspeed launcher \(pid \d+\) exited|another rank's signal)\)", text), text
     (saved,) = sorted((out / "checkpoints").glob("step_*"))
     step = int(saved.name.split("_")[1])
     assert step >= 2
