@@ -625,10 +625,10 @@ def _validate_eval(recipe: Recipe) -> None:
     if not (_finite(e.early_stopping_min_delta) and e.early_stopping_min_delta >= 0):
         raise ConfigError(f"eval.early_stopping_min_delta must be a finite number >= 0, got {e.early_stopping_min_delta}")
     has_val = bool(d.val_path or d.val_fraction > 0 or any(src.val_path for src in d.sources))
-    if e.early_stopping_patience and not (has_val and e.every_steps > 0):
-        why = "eval.every_steps=0 turns eval off" if has_val else "there is no validation data"
-        raise ConfigError(f"eval.early_stopping_patience stops on the validation loss, but {why}; "
-                          "set data.val_path or data.val_fraction and eval.every_steps, or eval.early_stopping_patience=0")
+    # (with eval.every_steps=0 the user turned eval, and so early stopping, off: that is no error)
+    if e.early_stopping_patience and e.every_steps > 0 and not has_val:
+        raise ConfigError("eval.early_stopping_patience stops on the validation loss, but there is no validation data; "
+                          "set data.val_path or data.val_fraction, or eval.early_stopping_patience=0")
     if e.batch_size < 0:
         raise ConfigError(f"eval.batch_size must be >= 0 (0 = train.micro_batch_size), got {e.batch_size}")
     if e.generate_samples < 0:
