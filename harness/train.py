@@ -510,10 +510,12 @@ def report_error(e: Exception) -> int:
     if rank != 0:
         import signal
 
-        # The launcher answers rank 0's exit with a SIGTERM to this rank: the run is over, and StopFlag's
-        # handler must not turn the wait into a preemption traceback.
+        # The launcher answers rank 0's exit with a SIGTERM to this rank. Before setup() it ends this rank
+        # quietly (rank 0 has said it all); after, StopFlag's handler would turn the wait into a
+        # preemption traceback: this rank then ignores it and says its line too.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
+            if isinstance(getattr(signal.getsignal(sig), "__self__", None), checkpoint.StopFlag):
+                signal.signal(sig, signal.SIG_IGN)
         time.sleep(10)
     print(f"error: {e}" if rank == 0 else f"error: (rank {rank}) {e}", file=sys.stderr, flush=True)
     return EXIT_CONFIG_ERROR
