@@ -44,7 +44,13 @@ for i in 1 2; do
     ip -n "$node" route add default via 10.77.0.1
   fi
   mkdir -p "/etc/netns/$node" "/var/spool/slurmd/$node"
+  # The bridge addresses also get names (not the hosts' own), in IPv4 and IPv4-mapped IPv6 form: c10d's
+  # TCPStore looks up each client's address (::ffff:10.77.0.12 on its dual-stack socket), and a lookup
+  # that reaches DNS waits ~10 s per connection for a name server these namespaces cannot reach.
   printf '127.0.0.1 localhost\n127.0.1.1 %s\n10.77.0.1 %s\n' "$node" "$controller" > "/etc/netns/$node/hosts"
+  for peer in 1 11 12; do
+    printf '10.77.0.%s bridge-%s\n::ffff:10.77.0.%s bridge-%s\n' "$peer" "$peer" "$peer" "$peer" >> "/etc/netns/$node/hosts"
+  done
   if ! pgrep -f "^slurmd -N $node\$" >/dev/null; then
     # Not `ip netns exec`: it remounts /sys, where slurmd's cgroup plugin needs the host's cgroup mounts.
     # Its own mount namespace instead, for its own /etc/hosts, and its own hostname.
