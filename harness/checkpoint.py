@@ -348,7 +348,8 @@ def save_checkpoint(engine, output_dir: str, step: int, trainer_state: dict, dis
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
     distributed.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"trainer": trainer_state}, save_latest=False, exclude_frozen_parameters=exclude_frozen)
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"trainer": trainer_state}, save_latest=False,
+                           exclude_frozen_parameters=exclude_frozen)
     with open(tmp / f"rng_rank{dist.rank:05d}.json", "w") as f:
         json.dump(rng_state(), f)
     distributed.barrier()  # every rank's files are written

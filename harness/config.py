@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# The recipe tree. Each field's comment is its documentation (see README "Recipe reference").
+# The recipe tree. Each field's comment is its documentation (see README "Recipes").
 # --------------------------------------------------------------------------------------------------
 
 METHODS = ("full", "lora", "qlora", "int8")
@@ -125,7 +125,8 @@ class LogConfig:
     wandb_project: str = "harness"
     wandb_run_name: str = ""
     memory_every_steps: int = 50  # per-category memory footprint at step 1 and every N steps (0 = off); memory_report.md at the end
-    memory_snapshot: bool = False  # CUDA: record the allocator's history from start-up; memory_snapshot_rank{R}.pickle after step 1 and on out-of-memory
+    # CUDA: record the allocator's history from start-up; memory_snapshot_rank{R}.pickle after step 1 and on out-of-memory
+    memory_snapshot: bool = False
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Turn a run into files that other tools load, each export verifying itself by comparing logits.
 
-Three formats (the CLI is `tools/export.py`):
+Three formats (the CLI is `harness-export`, or `python tools/export.py`; see `main`):
 - `hf`      (method full): the ZeRO-3 shards consolidated into a Hugging Face model directory
             (safetensors + config + tokenizer). Check: the directory, reloaded by transformers, gives the
             same logits as the consolidated weights in memory.
@@ -20,7 +20,9 @@ base at once (about 4.5 bytes per parameter).
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 
 from harness import checkpoint, config
 from harness import model as model_lib
+from harness.numerics import DTYPES
 
 FORMATS = ("hf", "adapter", "merged")
 TOLERANCE = 1e-5  # max |logit difference| / max(1, max |logit|), fp32: the same weights by another op order
@@ -158,7 +161,7 @@ def _adapter_state(source: Source) -> dict[str, torch.Tensor]:
 
 def _save(model, tokenizer_path: str, out: Path, dtype: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    model.to(model_lib.DTYPES[dtype]).save_pretrained(str(out), safe_serialization=True)
+    model.to(DTYPES[dtype]).save_pretrained(str(out), safe_serialization=True)
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
@@ -185,8 +188,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
     anyone) to run a model directory's own Python code."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if dtype not in model_lib.DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(model_lib.DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     run = Path(run_dir)
     recipe_file = run / "recipe.yaml"
     if not recipe_file.is_file():
@@ -256,3 +259,49 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
             AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
     (out / "export.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+USAGE = """Export a harness run: consolidated Hugging Face model, peft adapter, or LoRA merged into the base.
+
+    harness-export RUN_DIR --format merged --out exported/ [--from latest|final|step_N|PATH] [--dtype bf16]
+                   [--overwrite] [--trust-remote-code]            (or: python tools/export.py ...)
+
+  --format hf       method=full runs: ZeRO-3 shards -> safetensors model directory
+  --format adapter  lora/qlora/int8 runs: the LoRA weights in peft format
+  --format merged   lora/qlora/int8 runs: base (dequantised when 4/8-bit) + LoRA folded in, a plain model
+  --from            latest (default: newest verified checkpoint, else the final output), final
+                    (RUN_DIR/adapter or RUN_DIR/model), step_N or N, or a checkpoint/adapter directory
+  --dtype           dtype written (fp32 default); the checks always run in fp32
+  --overwrite       write into an existing non-empty --out (never the base model or the run's own files)
+  --trust-remote-code  needed to export a run whose recipe sets model.trust_remote_code (its code runs)
+
+Each export verifies itself (logits on seeded random tokens, max difference <= 1e-5) and exits 1 if
+a check fails; bad arguments exit 2. Runs on CPU; see the module's docstring for the memory it needs.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="harness-export", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="the run's output_dir (holds recipe.yaml, checkpoints/, adapter/ or model/)")
+    ap.add_argument("--format", required=True, choices=FORMATS)
+    ap.add_argument("--out", required=True, help="directory to write (created)")
+    ap.add_argument("--from", dest="which", default="latest", help="latest | final | step_N | N | a directory")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty --out directory")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow the model directory's own Python code (needed when the run's recipe sets model.trust_remote_code)")
+    a = ap.parse_args(argv)
+    try:
+        report = export(a.run_dir, a.format, a.out, which=a.which, dtype=a.dtype, trust_remote_code=a.trust_remote_code, overwrite=a.overwrite)
+    except (ValueError, config.ConfigError) as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"export: {e}", file=sys.stderr)
+        return 1
+    print(f"export: wrote {a.out} ({', '.join(f'{k}={v}' for k, v in report.items() if k.endswith('diff'))})")
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def peak_memory_gib(device: torch.device) -> dict:
     the per-phase resets of harness/memory/live.py (ru_maxrss, in KiB, is the fallback off Linux)."""
     from harness.memory import live
 
-    rss_bytes = live.peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_bytes = live.lifetime_peak_rss_bytes()
     out = {"peak_rss_gib": rss_bytes / 2**30}
     if device.type == "cuda":
         out["peak_allocated_gib"] = live.cuda_peak_bytes("allocated") / 2**30

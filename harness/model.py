@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from harness import _optional
+from harness.numerics import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass

@@ -19,13 +19,11 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by a launcher: make `harness` importable
-    # and take harness/ itself off sys.path, where our modules would shadow installed ones (see train.py)
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file by a launcher (see harness/_entry.py)
+    from harness._entry import run_as_module
+
+    run_as_module("harness.preflight")
 
 
 def join(nodes: int, node_rank: int, addr: str, port: int, timeout_s: float, hosts: list[str]) -> int:
@@ -120,5 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     return allreduce(args.timeout_s, size)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

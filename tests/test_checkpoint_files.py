@@ -104,7 +104,8 @@ def test_loading_refuses_pickled_code_unless_trusted(tmp_path, monkeypatch, caps
     torch.save({"module": {"w": torch.arange(3.0)}, "zero_stage": ZeroStageEnum.weights}, good)
     with checkpoint.weights_only_loading():
         # DeepSpeed passes weights_only=False itself; inside the block that is overridden
-        with pytest.raises(ValueError, match=rf"holds a pickled print, which the harness does not unpickle.*HARNESS_TRUST_CHECKPOINT_PICKLES={tmp_path.resolve()} "):
+        refused = rf"holds a pickled print, which the harness does not unpickle.*HARNESS_TRUST_CHECKPOINT_PICKLES={tmp_path.resolve()} "
+        with pytest.raises(ValueError, match=refused):
             torch.load(bad, weights_only=False)
         loaded = torch.load(good, weights_only=False)  # tensors and allow-listed DeepSpeed classes load
     assert torch.equal(loaded["module"]["w"], torch.arange(3.0)) and loaded["zero_stage"] is ZeroStageEnum.weights

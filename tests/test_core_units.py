@@ -84,12 +84,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("policy,k,expected", [("none", 2, 0), ("full", 2, 4), ("every_k", 2, 2), ("every_k", 3, 2)])
 def test_checkpointing_policies(tmp_path, policy, k, expected):
-    import sys
 
-    from tests.helpers import REPO
 
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_model import make_tiny_model
+    from tools.make_tiny_model import make_tiny_model
     from transformers import AutoModelForCausalLM
 
     path = make_tiny_model("llama-3.1-8b", tmp_path / "m", layers=4)
@@ -101,7 +98,8 @@ def test_4bit_weights_count_at_logical_size(tiny_llama):
     from transformers import AutoModelForCausalLM
 
     plain = model_lib.count_parameters(AutoModelForCausalLM.from_pretrained(tiny_llama))
-    q = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=model_lib.quantization_config("qlora", torch.float32), device_map={"": "cpu"})
+    q = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=model_lib.quantization_config("qlora", torch.float32),
+                                             device_map={"": "cpu"})
     assert model_lib.count_parameters(q).total == plain.total
 
 
@@ -193,7 +191,8 @@ def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     shutil.copy(repo / "harness" / "model_configs" / "llama-3.1-70b.json", tmp_path / "config.json")
     recipe = config.load_recipe(str(repo / "harness" / "recipes" / "llama3_70b_qlora.yaml"), [f"model.path={tmp_path}"])
-    with pytest.raises(config.ConfigError, match=r"(?s)does not fit in 24.0 GiB per GPU.*frozen 4-bit weights.*DOES NOT FIT.*train.memory_check=false"):
+    refused = r"(?s)does not fit in 24.0 GiB per GPU.*frozen 4-bit weights.*DOES NOT FIT.*train.memory_check=false"
+    with pytest.raises(config.ConfigError, match=refused):
         train.check_memory_budget(recipe, 1, 24 * 2**30)  # 70B in 4 bits is ~37 GiB before anything else
     train.check_memory_budget(recipe, 64, 80 * 2**30)  # the recipe's own 8 x 8 x 80 GB: fits, no error
 

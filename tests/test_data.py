@@ -165,7 +165,8 @@ def test_chat_template_that_rewrites_earlier_turns_is_refused(tiny_llama):
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(tiny_llama)
-    t.chat_template = "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    t.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}...{% else %}{{ m['content'] }}{% endif %}"
+                       "{% endfor %}")
     with pytest.raises(ConfigError, match="rewrites earlier turns.*data.chat_template=builtin"):
         data.tokenize_rows([{"messages": CHAT}], "chat", t, 512, False, "raise", data.DataStats(), "t")
 
@@ -360,7 +361,8 @@ def test_cache_is_reused_and_keyed_by_what_changes_the_tokens(tok, tmp_path):
     assert (first[2].cache, again[2].cache) == ("miss", "hit") and as_lists(first[0]) == as_lists(again[0])
     assert build(cfg_for({"path": str(src), "format": "alpaca"}, seq_len=64), tok, cache_dir=cache)[2].cache == "miss"
     assert build(cfg_for({"path": str(src), "format": "alpaca"}, train_on_inputs=True), tok, cache_dir=cache)[2].cache == "miss"
-    assert build(cfg_for({"path": str(src), "format": "alpaca"}, packing=True), tok, cache_dir=cache)[2].cache == "hit"  # packing is cheap: done after
+    # packing is cheap: done after the cache
+    assert build(cfg_for({"path": str(src), "format": "alpaca"}, packing=True), tok, cache_dir=cache)[2].cache == "hit"
     write_jsonl(src, ALPACA_ROWS * 5)
     changed = build(cfg_for({"path": str(src), "format": "alpaca"}), tok, cache_dir=cache)
     assert changed[2].cache == "miss" and len(changed[0]) == 15
@@ -433,8 +435,9 @@ def test_overlong_samples_are_truncated_or_dropped_and_counted(tok, tmp_path):
     assert st.truncated == 2 and sorted(len(s[0]) for s in train) == [len(tok("short" + tok.eos_token)["input_ids"]), 16, 16]
     train, _, st = build(cfg_for({"path": str(f), "format": "text"}, seq_len=16, overlong="drop"), tok)
     assert st.dropped == 2 and len(train) == 1 and "2 dropped as longer" in st.lines(16)[0]
+    long_rows = write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 100}] * 3)
     with pytest.raises(ConfigError) as e:  # an empty dataset after filtering
-        build(cfg_for({"path": str(write_jsonl(tmp_path / "long.jsonl", [{"text": "word " * 100}] * 3)), "format": "text"}, seq_len=8, overlong="drop"), tok)
+        build(cfg_for({"path": str(long_rows), "format": "text"}, seq_len=8, overlong="drop"), tok)
     print("empty after filtering:", e.value)
     assert "no samples left of 3 rows: 0 skipped as bad, 3 dropped as longer than data.seq_len=8" in str(e.value)
     # a prompt that alone fills seq_len leaves nothing to learn: dropped and counted

@@ -39,7 +39,7 @@ ARCH_LIKE = {"llama": "llama-3.1-8b", "mistral": "mistral-7b", "qwen2": "qwen2.5
 
 def tiny_causal_lm(arch: str, seed: int = 0):
     """A 2-layer, hidden-64 random model with the real architecture's config quirks (no files)."""
-    from make_tiny_model import _build_model, load_like_config, tiny_config_dict
+    from tools.make_tiny_model import _build_model, load_like_config, tiny_config_dict
 
     cfg = tiny_config_dict(load_like_config(ARCH_LIKE[arch]), layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96,
                            vocab_size=300, tie_embeddings=False, bos_id=1, eos_id=2, pad_id=0, dtype="float32", notes=[])
@@ -172,7 +172,7 @@ def test_linear_cross_entropy_rejects_bad_input():
 def test_chunked_linear_cross_entropy_uses_a_fraction_of_the_memory():
     """Peak extra RSS of loss + backward, each variant in a fresh process (tools/bench_kernels.py):
     N=2048 tokens, H=256, V=32000 fp32, frozen head: the chunked path must stay under 10% of unfused."""
-    from bench_kernels import lce_memory_report  # tools/ is on sys.path (conftest.py)
+    from tools.bench_kernels import lce_memory_report
 
     report = lce_memory_report(tokens=2048, hidden=256, vocab=32000)
     out = report["linear_cross_entropy_cpu_memory"]

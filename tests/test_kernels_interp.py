@@ -19,11 +19,11 @@ import torch
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("needs TRITON_INTERPRET=1 from process start (tests/test_kernels.py runs it)", allow_module_level=True)
 
-from harness.kernels import _runtime  # noqa: E402
-from harness.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
-from harness.kernels.rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference  # noqa: E402
-from harness.kernels.rope import RoPEFunction, rope, rope_reference  # noqa: E402
-from harness.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference  # noqa: E402
+from harness.kernels import _runtime
+from harness.kernels.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from harness.kernels.rmsnorm import RMSNormFunction, rmsnorm, rmsnorm_reference
+from harness.kernels.rope import RoPEFunction, rope, rope_reference
+from harness.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_reference
 
 
 def launches(name: str) -> int:

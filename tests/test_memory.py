@@ -12,7 +12,8 @@ import time
 import pytest
 
 from harness.memory import Budget, Cluster, ModelShape, TrainSetup, activation_profile, budget_for_recipe, compose, load_model_shape
-from harness.memory.analytic import GIB, MODEL_CONFIGS_DIR, NF4_DQ_BYTES_PER_PARAM
+from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR
+from harness.memory.analytic import GIB, NF4_DQ_BYTES_PER_PARAM
 from harness.memory.budget import SAFETY_MARGIN
 from tests.helpers import REPO
 
@@ -176,10 +177,8 @@ def test_budget_for_recipe(tmp_path):
 
 
 def test_cli_outputs_and_exit_codes(tmp_path, capsys):
-    import sys
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import memory_budget
+    from harness.memory import cli as memory_budget
 
     out_json = tmp_path / "b.json"
     rc = memory_budget.main(["--model", "llama-3.1-70b", "--method", "qlora", "--seq-len", "2048", "--micro-batch", "1", "--checkpointing", "full",
@@ -198,10 +197,8 @@ def test_cli_outputs_and_exit_codes(tmp_path, capsys):
 
 def test_cli_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    import sys
 
-    sys.path.insert(0, str(REPO / "tools"))
-    import memory_budget
+    from harness.memory import cli as memory_budget
 
     png = tmp_path / "b.png"
     assert memory_budget.main(["--model", "llama-3.1-8b", "--plot", str(png), "--no-deepspeed", "--no-search"]) == 0
@@ -268,5 +265,6 @@ def test_generation_phase_only_with_generation_and_its_kv_cache_is_what_transfor
         # The budget counts the scales per parameter but not each layer's code books (16 + 256 fp32, some
         # shared): ~0.5 KB per 4-bit layer, 3.4% of this tiny model (measured 447,856 B held, 432,530 B
         # predicted), a few hundred KB at 70B.
-        print(f"{model}: gathered for generation {lines['whole model gathered for generation'].bytes:,.0f} B predicted, {sum(held.values()):,} B held; KV {cache_bytes:,} B")
+        gathered = lines["whole model gathered for generation"].bytes
+        print(f"{model}: gathered for generation {gathered:,.0f} B predicted, {sum(held.values()):,} B held; KV {cache_bytes:,} B")
         assert lines["whole model gathered for generation"].bytes == pytest.approx(sum(held.values()), rel=rel)

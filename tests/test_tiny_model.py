@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.make_tiny_model import make_tiny_model  # imports transformers lazily: HF_HUB_OFFLINE below is in time
+
 # Set before transformers is imported anywhere in this process, so any attempt
 # to reach the Hub fails loudly instead of silently downloading.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -23,9 +25,6 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOOLS_DIR = REPO_ROOT / "tools"
 ASSETS_DIR = REPO_ROOT / "harness" / "assets"
-sys.path.insert(0, str(TOOLS_DIR))
-
-from make_tiny_model import make_tiny_model  # noqa: E402
 
 # --like name -> expected model class
 ARCHITECTURES = {

@@ -17,7 +17,8 @@ METRIC_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_
 
 def run(model_path, out_dir, *over, env=None):
     args = ["--config", RECIPE, f"model.path={model_path}", f"output_dir={out_dir}", "train.max_steps=4", "train.warmup_steps=1",
-            "train.micro_batch_size=4", "train.global_batch_size=8", "eval.every_steps=2", "eval.max_samples=16", "log.progress_bar=false", "log.every_steps=1", *over]
+            "train.micro_batch_size=4", "train.global_batch_size=8", "eval.every_steps=2", "eval.max_samples=16", "log.progress_bar=false",
+            "log.every_steps=1", *over]
     return launch(args, nproc=1, env=env)
 
 

@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 WORDS = ("alpha beta gamma delta river stone cloud green seven market window orange quiet table north "
          "signal paper garden metal winter copper yellow silent forest button candle").split()
@@ -177,7 +175,7 @@ def main(argv=None) -> int:
     if not args.skip_train:
         result["train"] = bench_train(args, work)
         base = result["train"][0]["tokens_per_s"]
-        print(f"\n| layout | tokens/s | vs padded | samples/step | s/step |\n|---|---|---|---|---|")
+        print("\n| layout | tokens/s | vs padded | samples/step | s/step |\n|---|---|---|---|---|")
         for r in result["train"]:
             print(f"| {r['layout']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {r['samples_per_step']:.1f} | {r['step_s']:.3f} |")
         for r in result["train"]:

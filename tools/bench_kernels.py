@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import psutil
+import torch
 
-import psutil  # noqa: E402
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 MIB = 2**20
 
@@ -155,7 +154,8 @@ def kernel_cases(names: list[str], dev: str, shapes: dict, with_compile: bool):
     """(kernel, shape text, inputs_fn, {variant: fn}). The differentiable kernels run fwd+bwd with the
     weights frozen, as under LoRA / QLoRA; nf4 is a forward-only dequantisation of one MLP weight."""
     from harness import _optional
-    from harness.kernels import linear_cross_entropy, linear_cross_entropy_reference, rmsnorm, rmsnorm_reference, rope, rope_reference, swiglu, swiglu_reference
+    from harness.kernels import (linear_cross_entropy, linear_cross_entropy_reference, rmsnorm, rmsnorm_reference, rope, rope_reference,
+                                 swiglu, swiglu_reference)
 
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # no native bf16 on the CPU machines
     liger = dev == "cuda" and _optional.available("liger_kernel")  # Liger's kernels are CUDA-only

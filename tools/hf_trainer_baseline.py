@@ -40,19 +40,18 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
+from harness import config as harness_config
+from harness import data as harness_data
+from harness import distributed as harness_distributed
+from harness.numerics import DTYPES
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-
-from harness import config as harness_config  # noqa: E402
-from harness import data as harness_data  # noqa: E402
-from harness import distributed as harness_distributed  # noqa: E402
 
 # DeepSpeed 0.19 calls collective names that torch 2.13 deprecates on every step: say it once.
 warnings.filterwarnings("once", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # harness lr_schedule -> the transformers scheduler of the same shape.
 SCHEDULERS = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}
 

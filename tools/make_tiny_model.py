@@ -17,7 +17,7 @@ CLI:
         [--layers 2] [--hidden 64] [--heads 4] [--kv-heads 2] [--intermediate 128] \
         [--vocab-size 512] [--seed 0] [--dtype float32] [--tie-embeddings/--no-tie-embeddings]
 
-Python (tests): sys.path.insert(0, "tools"); from make_tiny_model import make_tiny_model
+Python (tests): from tools.make_tiny_model import make_tiny_model
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ from typing import Any
 # that need them, so argument errors (e.g. an unknown --like name) are reported
 # instantly instead of after a multi-second import.
 
+from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR
+from harness.config import find_model_config, shipped_config_names
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR  # noqa: E402
-from harness.config import find_model_config, shipped_config_names  # noqa: E402
 
 ASSETS_DIR = REPO_ROOT / "harness" / "assets"
 

@@ -26,7 +26,8 @@ from harness.config import ConfigError
 from harness.data.batches import StepSampler, collate, eval_batches, flat_batches, model_inputs, without_targets
 from harness.data.cache import cache_key, tokenize_once
 from harness.data.mixing import build_datasets, mix, mix_counts, pack, split_and_mix
-from harness.data.render import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, BUILTIN_CHAT_TEMPLATE, TemplateError, chat_template_for, render_chat, render_row
+from harness.data.render import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, BUILTIN_CHAT_TEMPLATE, TemplateError, chat_template_for,
+                                 render_chat, render_row)
 from harness.data.samples import PackedRows, Samples, TokenStore, concat_samples, sample_lengths
 from harness.data.sources import load_rows, load_source
 from harness.data.stats import DataStats, SourceStats

@@ -7,7 +7,7 @@ import torch
 
 from harness.config import ConfigError, DataConfig
 from harness.data.samples import concat_samples
-from harness.data.tokens import IGNORE_INDEX
+from harness.numerics import IGNORE_INDEX
 
 
 def collate(samples: list, pad_id: int, flatten: bool = False) -> dict:

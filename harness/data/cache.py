@@ -39,7 +39,8 @@ def source_plan(cfg: DataConfig) -> list[_PartSpec]:
     if cfg.val_path:
         s0 = cfg.sources[0]
         specs.append(_PartSpec("val", -1, cfg.val_path, s0.format, dict(s0.columns), "data.val_path"))
-    specs += [_PartSpec("val", i, s.val_path, s.format, dict(s.columns), f"data.sources.{i}.val_path") for i, s in enumerate(cfg.sources) if s.val_path]
+    specs += [_PartSpec("val", i, s.val_path, s.format, dict(s.columns), f"data.sources.{i}.val_path")
+              for i, s in enumerate(cfg.sources) if s.val_path]
     return specs
 
 
@@ -50,7 +51,8 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     """Content hash of the tokenizer's files (or of its serialised state when it has no directory)."""
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     d = Path(str(getattr(tokenizer, "name_or_path", "")))
-    files = sorted(p for p in d.iterdir() if p.is_file() and (p.name.startswith(TOKENIZER_FILES) or p.suffix in (".model", ".tiktoken"))) if d.is_dir() else []
+    candidates = sorted(d.iterdir()) if d.is_dir() else []
+    files = [p for p in candidates if p.is_file() and (p.name.startswith(TOKENIZER_FILES) or p.suffix in (".model", ".tiktoken"))]
     if files:
         for p in files:
             h.update(p.name.encode())

@@ -81,7 +81,8 @@ def _json_by_line(path: Path, on_error: str, st: SourceStats, errors: list, why:
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}); fix the file (a JSON array cannot be read row by row)") from None
+            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: malformed JSON ({e.msg}); fix the file "
+                              "(a JSON array cannot be read row by row)") from None
         pairs = [(i + 1, x) for i, x in enumerate(items)]
         where = "element"
     else:
@@ -109,7 +110,8 @@ def _json_by_line(path: Path, on_error: str, st: SourceStats, errors: list, why:
     return ds, RowOrigin(str(path), jsonl=where == "line", lines=lines if where == "line" else None)
 
 
-def load_source(path: str, fmt: str, columns: dict, on_error: str, st: SourceStats, errors: list, key: str = "data.sources.N", tmp_dir: str | None = None):
+def load_source(path: str, fmt: str, columns: dict, on_error: str, st: SourceStats, errors: list, key: str = "data.sources.N",
+                tmp_dir: str | None = None):
     """One file (or saved dataset directory) as a `datasets.Dataset` with the column mapping applied and
     the columns the format needs present. Returns (dataset, origin)."""
     import datasets
@@ -148,7 +150,8 @@ def load_source(path: str, fmt: str, columns: dict, on_error: str, st: SourceSta
     if columns:
         missing = [have for have in columns.values() if have not in ds.column_names]
         if missing:
-            raise ConfigError(f"{p}: {key}.columns names {', '.join(repr(m) for m in missing)}, not a column of the file (it has {', '.join(ds.column_names)})")
+            raise ConfigError(f"{p}: {key}.columns names {', '.join(repr(m) for m in missing)}, not a column of the file "
+                              f"(it has {', '.join(ds.column_names)})")
         if len(set(columns.values())) != len(columns):
             raise ConfigError(f"{key}.columns maps two names to one column; map each expected name to its own column")
         clash = [want for want in columns if want in ds.column_names and want not in columns.values()]

@@ -11,8 +11,8 @@ import torch
 from harness.data.render import OPTIONAL, REQUIRED, chat_template_for, render_row
 from harness.data.sources import RowOrigin, row_problem
 from harness.data.stats import DataStats, SourceStats
+from harness.numerics import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 TOKENIZE_CHUNK = 2048  # rows per tokenizer call
 
 

@@ -30,8 +30,8 @@ from harness.kernels.nf4 import nf4_linear
 from harness.kernels.rmsnorm import rmsnorm
 from harness.kernels.rope import rope
 from harness.kernels.swiglu import swiglu
+from harness.numerics import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,8 @@ model under FakeTensorMode and the two are compared in the tests and the report.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR  # re-exported for tests
 from harness.config import find_model_config, shipped_config_names
 
 GIB = 2**30

@@ -12,7 +12,8 @@ from harness.memory.analytic import (
 
 PHASES = ("load", "forward", "backward", "step")  # training; "eval" and "generate" join them when the recipe asks
 EVAL, GENERATE = "eval", "generate"
-# GPU-only constants (not measurable on CPU; from reference/memory.md section 6.1, to be calibrated on a GPU):
+# GPU-only constants (not measurable on CPU; published estimates, to be calibrated on a GPU: PyTorch's CUDA
+# context on H100-class GPUs, NVIDIA/nccl issue #964 for the communicators):
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspace on H100-class GPUs
 NCCL_BYTES_PER_COMMUNICATOR = 700 * 2**20  # NCCL #964: 544-688 MB per communicator
 ALLOCATOR_MARGIN = 0.10  # caching-allocator fragmentation reserve on top of allocated bytes

@@ -12,7 +12,8 @@ views counts once):
   the three categories is activations, logits and temporaries ("other at peak").
 On CPU there is no allocator to ask, so only the three categories are reported, with the process's
 peak RSS beside them. `PhasePeaks` adds the peak within each phase of the measured step (forward,
-backward, optimizer step): CUDA peak allocated bytes, or on CPU the RSS high-water mark. The training loop logs this at step 1 and every `log.memory_every_steps`, and
+backward, optimizer step): CUDA peak allocated bytes, or on CPU the RSS high-water mark. The training loop
+logs this at step 1 and every `log.memory_every_steps`, and
 `memory_report.md` sets the last measurement beside the pre-flight budget, category by category.
 """
 
@@ -89,7 +90,7 @@ def footprint(engine) -> dict:
         out["peak_allocated_bytes"] = cuda_peak_bytes("allocated")
         out["other_at_peak_bytes"] = max(0, out["peak_allocated_bytes"] - accounted)
     else:
-        out["peak_rss_bytes"] = peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["peak_rss_bytes"] = lifetime_peak_rss_bytes()
     return out
 
 
@@ -128,6 +129,12 @@ def peak_rss_bytes(since_reset: bool = False) -> int | None:
     if hwm is None or since_reset:
         return hwm
     return max(hwm, _rss_peak_before_resets)
+
+
+def lifetime_peak_rss_bytes() -> int:
+    """The process's peak RSS over its lifetime: VmHWM on Linux (kept across resets), getrusage's
+    ru_maxrss (KiB) elsewhere."""
+    return peak_rss_bytes() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def reset_peak_rss() -> bool:

@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from harness.memory.analytic import ActivationProfile, ModelShape, TrainSetup, layer_saved_bytes
+from harness.numerics import DTYPES
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -65,7 +65,7 @@ def _build(cfg: dict, setup: TrainSetup, layers: int, fake_mode):
     cfg.pop("layer_types", None)
     model_type = cfg.pop("model_type")
     hf_cfg = AutoConfig.for_model(model_type, **cfg)
-    dtype = _DTYPES[setup.precision]
+    dtype = DTYPES[setup.precision]
     attn = setup.attn if setup.attn != "flash_attention_2" else "sdpa"  # flash-attn cannot run on CPU: sdpa's saved set
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
@@ -108,7 +108,7 @@ def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
     fake_mode = FakeTensorMode()
     model, exclude = _build(cfg, setup, layers, fake_mode)
     b, s = setup.micro_batch, setup.seq_len
-    dtype = _DTYPES[setup.precision]
+    dtype = DTYPES[setup.precision]
     with fake_mode:
         emb = torch.empty(b, s, int(cfg["hidden_size"]), dtype=dtype, requires_grad=True)
         targets = torch.zeros(b * s, dtype=torch.long)

@@ -21,7 +21,6 @@ import sys
 import weakref
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

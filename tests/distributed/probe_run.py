@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from safetensors.torch import save_file
@@ -73,7 +72,8 @@ def main() -> int:
         logits = run.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     run.engine.train()
 
-    out = checkpoint.save_final(run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=dist.is_main, steps_trained=last_step)
+    out = checkpoint.save_final(run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=dist.is_main,
+                                steps_trained=last_step)
 
     # Activation memory with the recipe's checkpointing policy, then with checkpointing off.
     act = {recipe.train.gradient_checkpointing: saved_activation_bytes(run.engine, batch)}

@@ -3,7 +3,8 @@
 Run as a script, Python puts the script's directory first on sys.path; for harness/train.py that is
 harness/ itself, whose kernels/, config.py, data/, model.py, memory/, metrics.py ... then stand in for
 any installed top-level module of those names (bitsandbytes' `from kernels import get_kernel` got our
-kernels package). Each case here starts an entry script the way users do, with a directory of stand-in
+kernels package); so each entry file runs itself again as its module (harness/_entry.py). Each case
+here starts an entry point the way users do (a file under a launcher, the module, the console script), with a directory of stand-in
 "installed" packages of those names on PYTHONPATH and a sitecustomize that records, in the rank itself
 once the script imports torch, what each name resolves to.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +33,7 @@ NAMES = {names!r}
 _done = []
 
 def _hook(event, args):
-    if _done or event != "import" or args[0] != "torch" or not sys.argv[0].endswith(("train.py", "preflight.py")):
+    if _done or event != "import" or args[0] != "torch" or not sys.argv[0].endswith(("train.py", "preflight.py", "harness-train")):
         return
     _done.append(1)
     origins = {{}}
@@ -58,6 +60,8 @@ CASES = {  # name: (command before the script's arguments, script and arguments,
     "deepspeed-train": (_deepspeed(2), DRY_RUN, 2),
     "torchrun-train": (_torchrun(2), DRY_RUN, 2),
     "python-train": ([sys.executable], DRY_RUN, 1),
+    "module-train": ([sys.executable, "-m", "harness.train"], DRY_RUN[1:], 1),
+    "console-script-train": ([str(Path(sys.executable).parent / "harness-train")], DRY_RUN[1:], 1),
     "torchrun-preflight": (_torchrun(2), [str(REPO / "harness" / "preflight.py"), "allreduce", "--timeout-s", "60"], 2),
 }
 
@@ -72,7 +76,7 @@ def test_our_modules_do_not_shadow_installed_ones(tiny_llama, tmp_path, case):
     records = tmp_path / "records"
     records.mkdir()
     launcher, script, n = CASES[case]
-    args = [*script, f"model.path={tiny_llama}"] if script is DRY_RUN else script
+    args = [*script, f"model.path={tiny_llama}"] if "--dry-run" in script else script
     env = child_env(PYTHONPATH=f"{REPO}:{installed}", RECORD_DIR=str(records))
     proc = run_bounded([*launcher, *args], env, timeout_s=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

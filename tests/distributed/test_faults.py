@@ -10,7 +10,6 @@ grace window of the templates.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import time

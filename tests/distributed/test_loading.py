@@ -4,7 +4,6 @@ on 2 gloo ranks: same logits, same packed 4-bit bytes, same shards; and the stre
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,12 @@ from tests.helpers import REPO, launch
 pytestmark = pytest.mark.distributed
 PROBE = str(REPO / "tests" / "distributed" / "loading_probe.py")
 RECIPE = str(REPO / "harness" / "recipes" / "tiny_qlora.yaml")
-sys.path.insert(0, str(REPO / "tools"))
 
 
 @pytest.fixture(scope="module")
 def sharded_tied_qwen2(tmp_path_factory) -> Path:
     """Qwen2 shape with tied embeddings, saved as 5 safetensors shards with an index."""
-    from make_tiny_model import make_tiny_model
+    from tools.make_tiny_model import make_tiny_model
 
     out = tmp_path_factory.mktemp("qwen2_sharded")
     make_tiny_model("qwen2.5-7b", out, tie_embeddings=True, max_shard_size="100KB")

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.helpers import REPO, launch  # noqa: E402
+from tests.helpers import REPO, launch
 
 PROBE = str(REPO / "tests" / "distributed" / "memory_probe.py")
 TOLERANCE = 0.05  # acceptance: predicted peak within 5% of measured (goal 3%)
@@ -60,8 +59,7 @@ CASES = [
 def make_model(like: str, root: Path) -> Path:
     out = root / f"tiny-{like}"
     if not (out / "config.json").exists():
-        sys.path.insert(0, str(REPO / "tools"))
-        from make_tiny_model import make_tiny_model
+        from tools.make_tiny_model import make_tiny_model
 
         make_tiny_model(like, out, **TINY)
     return out
@@ -150,7 +148,8 @@ def main() -> int:
         all_rows += rows
         for row in rows:
             print(f"{row['case']:28s} rank {row['rank']} {row['engine']:8s} predicted {row['predicted_bytes'] / 2**20:9.2f} MiB  measured "
-                  f"{row['measured_bytes'] / 2**20:9.2f} MiB  error {100 * row['error']:+6.2f}%  false fits {row['false_fits']}  ({row['predicted_phase']})", flush=True)
+                  f"{row['measured_bytes'] / 2**20:9.2f} MiB  error {100 * row['error']:+6.2f}%  false fits {row['false_fits']}  "
+                  f"({row['predicted_phase']})", flush=True)
     (root / "results.json").write_text(json.dumps(all_rows, indent=1))
     return 0
 

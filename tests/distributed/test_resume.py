@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from tests.helpers import REPO, TRAIN, child_env, free_port, launch, read_metrics, train_losses

@@ -28,7 +28,7 @@ COMPARED = 32  # of the 64 logged answers: rank 0's batch (eval.generate_batch_s
 
 def test_sanity_question(real_model):
     """The converted model is the instruct model: it answers through its own chat template."""
-    from real_model import SANITY_ANSWER, SANITY_QUESTION, chat_answer
+    from tools.real_model import SANITY_ANSWER, SANITY_QUESTION, chat_answer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(real_model), dtype=torch.float32)
