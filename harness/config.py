@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 METHODS = ("full", "lora", "qlora", "int8")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-CHECKPOINTING = ("none", "full", "every_k")
+CHECKPOINTING = ("auto", "none", "full", "every_k")
+IntOrAuto = typing.Union[int, typing.Literal["auto"]]  # a whole number, or "auto" (decided by harness/plan.py)
 LR_SCHEDULES = ("cosine", "linear", "constant")
 ATTN_IMPLS = ("auto", "sdpa", "eager", "flash_attention_2")
 DATA_FORMATS = ("alpaca", "completion", "text", "chat")
@@ -88,7 +89,7 @@ class DataConfig:
 class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; bf16 | fp16 | fp32
-    micro_batch_size: int = 1  # samples per rank per forward
+    micro_batch_size: IntOrAuto = 1  # samples per rank per forward; auto = the largest the memory budget fits (harness/plan.py)
     global_batch_size: int = 8  # samples per optimizer step = micro_batch_size * grad_accum * world_size
     max_steps: int = 100  # optimizer steps
     lr: float = 2e-4
@@ -98,7 +99,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_grad_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    gradient_checkpointing: str = "none"  # none | full | every_k (non-reentrant)
+    # auto = the least recomputation the memory budget fits: none, every_k (largest k first), full (harness/plan.py)
+    gradient_checkpointing: str = "none"  # auto | none | full | every_k (non-reentrant)
     checkpoint_every_k: int = 2  # with every_k: recompute every k-th decoder layer
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = known GPU table, none on CPU
     memory_check: bool = True  # on CUDA, refuse to start when the memory budget (harness/memory) says it will not fit
@@ -232,6 +234,10 @@ def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
     """Check a scalar against its declared type; ints are accepted where floats are expected."""
     if typ is Any:
         return value
+    if typ == IntOrAuto:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where}key '{key}' must be int (a whole number) or auto, got {value!r}")
     if value is None:
         raise ConfigError(f"{where}key '{key}' has no value; set it or remove the line")
     if typ is bool:
@@ -442,7 +448,12 @@ def check_model_config(cfg: dict, model_path: str) -> None:
 
 
 def load_ds_json(path: str) -> dict:
+    """A DeepSpeed JSON file; a relative path that is not under the working directory is looked up in
+    the repository's ds_configs/ too (recipes name `ds_configs/zero3.json`; the CLIs run from anywhere)."""
     p = Path(path)
+    beside_repo = Path(__file__).resolve().parent.parent / p
+    if not p.is_file() and not p.is_absolute() and beside_repo.is_file():
+        p = beside_repo
     if not p.is_file():
         shipped = sorted(x.name for x in (Path(__file__).resolve().parent.parent / "ds_configs").glob("*.json"))
         raise ConfigError(
@@ -466,16 +477,11 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _choice(recipe.data.overlong, ("truncate", "drop"), "data.overlong")
     _choice(recipe.data.chat_template, ("auto", "builtin"), "data.chat_template")
     _choice(recipe.data.mixing, MIXING, "data.mixing")
-    kernels = [recipe.kernels] if isinstance(recipe.kernels, str) and recipe.kernels != "all" else recipe.kernels
-    if kernels != "all":
-        if not isinstance(kernels, list):
-            raise ConfigError(f"kernels must be a list of {', '.join(KERNELS)} or 'all', got {recipe.kernels!r}")
-        for name in kernels:
-            _choice(name, KERNELS, "kernels")
-        if len(set(kernels)) != len(kernels):
-            raise ConfigError(f"kernels lists a name twice: {kernels}")
-        if "nf4" in kernels and recipe.method != "qlora":
-            raise ConfigError(f"kernel nf4 dequantises 4-bit weights: it needs method=qlora (not {recipe.method}); drop nf4 from kernels")
+    from harness.plan import resolve_kernels  # (that module imports this one)
+
+    kernels, explicit = resolve_kernels(recipe.kernels)
+    if explicit and "nf4" in kernels and recipe.method != "qlora":
+        raise ConfigError(f"kernel nf4 dequantises 4-bit weights: it needs method=qlora (not {recipe.method}); drop nf4 from kernels")
 
     # Model directory.
     mp = recipe.model.path
@@ -539,9 +545,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
     # Batch arithmetic.
     t = recipe.train
     for key in ("micro_batch_size", "global_batch_size", "max_steps"):
-        if getattr(t, key) <= 0:
+        if getattr(t, key) != "auto" and getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
-    per_step = t.micro_batch_size * world_size
+    per_step = (t.micro_batch_size if t.micro_batch_size != "auto" else 1) * world_size
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x world_size = "

@@ -32,14 +32,17 @@ def resolve_ds_config(
     hidden_size: int,
     precision: str,
     on_cuda: bool,
+    micro_batch_size: int,
     src: str = "the DeepSpeed config",
 ) -> dict:
-    """Return a copy of `ds` with every "auto" filled. `precision` is already resolved (bf16/fp16/fp32)."""
+    """Return a copy of `ds` with every "auto" filled. `precision` and `micro_batch_size` are resolved
+    (harness/plan.py); the accumulation steps are computed here, once, and read back from the result."""
     ds = copy.deepcopy(ds)
     t = recipe.train
-    grad_accum = t.global_batch_size // (t.micro_batch_size * world_size)
+    # validate() checked that global_batch_size is a multiple of world_size (and of the micro-batch when given)
+    grad_accum = t.global_batch_size // (micro_batch_size * world_size)
     bad: list[str] = []
-    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "", src, bad)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro_batch_size, "", src, bad)
     _fill(ds, "gradient_accumulation_steps", grad_accum, "", src, bad)
     _fill(ds, "train_batch_size", t.global_batch_size, "", src, bad)
     _fill(ds, "gradient_clipping", float(t.max_grad_norm), "", src, bad)
@@ -141,6 +144,7 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def offloads_optimizer(ds: dict) -> bool:
-    off = ds.get("zero_optimization", {}).get("offload_optimizer")
+def offloads(ds: dict, key: str) -> bool:
+    """Whether zero_optimization.<key> (offload_optimizer / offload_param) sends it off the device."""
+    off = ds.get("zero_optimization", {}).get(key)
     return isinstance(off, dict) and off.get("device", "none") not in ("none", None)

@@ -24,17 +24,6 @@ class ParamCounts:
         return f"parameters: {self.trainable:,} trainable of {self.total:,} total ({pct:.3f}%)"
 
 
-def choose_attn_implementation(requested: str, on_cuda: bool, precision: str) -> str:
-    if requested != "auto":
-        if requested == "flash_attention_2" and not _optional.flash_attn_usable():
-            _optional.require("flash_attn")  # raises with the install hint
-        return requested
-    # flash-attn kernels are 16-bit only; fp32 runs take sdpa.
-    if on_cuda and precision in ("bf16", "fp16") and _optional.flash_attn_usable():
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def logical_numel(p: torch.nn.Parameter) -> int:
     """Elements a parameter stands for, whether it is ZeRO-3 partitioned and/or 4-bit packed."""
     qs = getattr(p, "quant_state", None)
@@ -100,43 +89,35 @@ def assert_standard_4bit_layout(model: torch.nn.Module) -> None:
         assert not getattr(qs, "packing_format_for_cpu", False), f"{name}: bitsandbytes repacked this 4-bit weight in place"
 
 
-def load_model(
-    path: str,
-    *,
-    method: str,
-    precision: str,
-    attn_implementation: str,
-    device: torch.device,
-    zero3: bool,
-    trust_remote_code: bool = False,
-    freeze_layers: int = -1,
-    lora_r: int = 16,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.05,
-    lora_targets="all-linear",
-    seed: int = 0,
-    loader: str = "hf",
-    ds_config: dict | None = None,
-):
-    """Load the causal LM and make only the parameters of `method` trainable.
+def lora_config(r: int, alpha: float, dropout: float, target_modules):
+    """The one peft LoraConfig the harness builds (training, export, the memory trace)."""
+    peft = _optional.require("peft")
+    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
 
-    Under ZeRO-3 the caller must have created a `transformers.integrations.HfDeepSpeedConfig` (and keep
-    it alive) so `from_pretrained` builds the model inside `deepspeed.zero.Init`: each rank then holds
-    only its shard of every 16/32-bit weight (but the whole of a 4-bit model until deepspeed.initialize).
-    `loader="streamed"` (harness/loading.py) reads and partitions one layer at a time instead, 4-bit
-    included, when given the ZeRO-3 `ds_config`; it must run without an HfDeepSpeedConfig alive.
-    """
+
+def load_model(recipe, *, precision: str, attn_implementation: str, device: torch.device, loader: str = "hf",
+               ds_config: dict | None = None, lora_dropout: float | None = None):
+    """Load recipe.model as recipe.method trains it (recipe.lora's adapters, recipe.freeze_layers; the
+    adapters seeded with recipe.train.seed) and make only those parameters trainable.
+
+    `ds_config` (a ZeRO-3 config) builds it partitioned: `loader="hf"` needs a live
+    `transformers.integrations.HfDeepSpeedConfig` so `from_pretrained` runs inside `deepspeed.zero.Init`
+    (each rank then holds its shard of every 16/32-bit weight, but the whole 4-bit model until
+    deepspeed.initialize); `loader="streamed"` (harness/loading.py) reads and partitions one layer at a
+    time, 4-bit included, and must run without one. `build_model` takes care of both.
+    `lora_dropout` overrides recipe.lora.dropout (the export's deterministic forward)."""
     from transformers import AutoModelForCausalLM
 
+    path, method, trust = recipe.model.path, recipe.method, recipe.model.trust_remote_code
+    zero3 = ds_config is not None
     dtype = DTYPES[precision]
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust)
     qcfg = quantization_config(method, dtype)
     if loader == "streamed":
         from harness import loading
 
         model = loading.load_streamed(path, dtype=dtype, attn_implementation=attn_implementation, device=device,
-                                      ds_config=ds_config if zero3 else None, quantization_config=qcfg,
-                                      trust_remote_code=trust_remote_code)
+                                      ds_config=ds_config, quantization_config=qcfg, trust_remote_code=trust)
     else:
         if qcfg is not None:
             kwargs["quantization_config"] = qcfg
@@ -148,28 +129,38 @@ def load_model(
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
 
     if method == "full":
-        if freeze_layers >= 0:
-            freeze_below(model, freeze_layers)
+        if recipe.freeze_layers >= 0:
+            freeze_below(model, recipe.freeze_layers)
         return model
 
     peft = _optional.require("peft")
     # Seed right before the adapters are created so their init is identical on every rank and for
     # any world size, whatever random numbers model loading consumed.
-    torch.manual_seed(seed)
-    lcfg = peft.LoraConfig(
-        r=lora_r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=lora_targets,
-        task_type="CAUSAL_LM",
-        bias="none",
-    )
-    model = peft.get_peft_model(model, lcfg)
+    torch.manual_seed(recipe.train.seed)
+    lo = recipe.lora
+    model = peft.get_peft_model(model, lora_config(lo.r, lo.alpha, lo.dropout if lora_dropout is None else lora_dropout, lo.target_modules))
     # peft keeps adapters in fp32 over a 16-bit base; DeepSpeed wants one dtype for trainable weights.
     for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
     return model
+
+
+def build_model(recipe, plan, device: torch.device):
+    """The model the run plan trains, and the ZeRO-3 context it needs: (model, hf_ds_config).
+
+    transformers learns that it runs under ZeRO-3 from an `HfDeepSpeedConfig` it holds only by weakref,
+    so the caller keeps the returned one alive for the whole run. It must exist before `from_pretrained`
+    (loader hf) and must not while the streamed loader builds its skeleton, which partitions itself."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = plan.zero_stage == 3
+    hf_ds_config = HfDeepSpeedConfig(plan.ds) if zero3 and plan.loader == "hf" else None
+    model = load_model(recipe, precision=plan.precision, attn_implementation=plan.attn, device=device, loader=plan.loader,
+                       ds_config=plan.ds if zero3 else None)
+    if zero3 and hf_ds_config is None:
+        hf_ds_config = HfDeepSpeedConfig(plan.ds)  # from here on transformers knows it runs under ZeRO-3
+    return model, hf_ds_config
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

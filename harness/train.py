@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: deepspeed / torchrun harness/train.py
@@ -41,7 +39,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # run as a file: deeps
 
 
 def _preempted_before_start(signum, _frame):
-    # Until setup() installs checkpoint.StopFlag (seconds of imports), a preemption signal exits 75 at
+    # Until setup() installs preemption.StopFlag (seconds of imports), a preemption signal exits 75 at
     # once: nothing exists to save, and the requeue needs that code (USR1's default action is to die).
     code_file = os.environ.get("HARNESS_EXIT_CODE_FILE")
     if code_file and os.environ.get("RANK", "0") == "0":
@@ -64,11 +62,12 @@ if __name__ == "__main__":  # before the seconds of torch / deepspeed imports
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint, config, data, distributed, generation, kernels, metrics, run_lock
+from harness import checkpoint, config, data, distributed, export, generation, kernels, metrics, preemption
 from harness import model as model_lib
 from harness.memory import live as live_memory
 from harness.config import ConfigError
-from harness.deepspeed_config import offloads_optimizer, resolve_ds_config, zero_stage
+from harness.build import Run, setup
+from harness.plan import Machine, RunPlan, resolve_plan
 
 EXIT_CONFIG_ERROR = 2
 
@@ -76,41 +75,34 @@ EXIT_CONFIG_ERROR = 2
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="recipe YAML (harness/recipes/*.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and DeepSpeed config, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the run plan (why each auto became what it is), the recipe and the "
+                   "resolved DeepSpeed config, then exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     return p.parse_intermixed_args(argv)
 
 
-def prepare(argv: list[str]):
-    """Everything that can fail on user input, done before any process group or model exists."""
+def prepare(argv: list[str], machine: Machine | None = None) -> tuple[argparse.Namespace, config.Recipe, RunPlan, dict]:
+    """Everything that can fail on user input, done before any process group or model exists: the
+    recipe, and the run plan (harness/plan.py) that every later decision reads."""
     args = parse_args(argv)
     recipe = config.load_recipe(args.config, args.overrides)
     world_size = config.env_world_size()
     config.validate(recipe, world_size)
-    on_cuda = torch.cuda.is_available()
-    precision = config.resolve_precision(recipe.train.precision, on_cuda)
     model_cfg = config.read_model_config(recipe.model.path)
-    ds = resolve_ds_config(
-        config.load_ds_json(recipe.deepspeed.config),
-        recipe,
-        world_size=world_size,
-        hidden_size=int(model_cfg["hidden_size"]),
-        precision=precision,
-        on_cuda=on_cuda,
-        src=recipe.deepspeed.config,
-    )
-    if on_cuda and recipe.train.memory_check:
-        check_memory_budget(recipe, world_size, torch.cuda.get_device_properties(0).total_memory)
-    return args, recipe, precision, ds, model_cfg
+    plan = resolve_plan(recipe, world_size, machine or Machine.detect(world_size), model_cfg)
+    if plan.device == "cuda" and recipe.train.memory_check:
+        check_memory_budget(recipe, plan, model_cfg)
+    return args, recipe, plan, model_cfg
 
 
-def check_memory_budget(recipe: config.Recipe, world_size: int, device_memory_bytes: int) -> None:
+def check_memory_budget(recipe: config.Recipe, plan: RunPlan, model_cfg: dict) -> None:
     """Refuse a run the pre-flight budget says will not fit, before any rank loads a model."""
     from harness import memory
     from harness.memory import report
 
-    budget = memory.budget_for_recipe(recipe, world_size, device_memory_bytes)
+    budget = memory.budget_for_plan(recipe, plan, model_cfg=model_cfg)
+    device_memory_bytes = plan.device_memory_bytes
     if budget.fits is False:
         fix = {"generate": "Lower eval.generate_batch_size or set eval.generate_gather=false (generation is the peak)",
                "eval": "Lower eval.batch_size (the validation forward is the peak)"}.get(
@@ -118,38 +110,6 @@ def check_memory_budget(recipe: config.Recipe, world_size: int, device_memory_by
         raise ConfigError(f"the memory budget says this run does not fit in {device_memory_bytes / 2**30:.1f} GiB per GPU:\n"
                           f"{report.text_table(budget)}\n"
                           f"{fix} (tools/memory_budget.py searches for what fits); train.memory_check=false tries anyway.")
-
-
-def build_optimizer(params: list, recipe: config.Recipe, ds: dict):
-    t = recipe.train
-    kw = dict(lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-    if offloads_optimizer(ds):  # ZeRO-Offload steps on the host with DeepSpeed's vectorised CPU Adam
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
-    return torch.optim.AdamW(params, fused=torch.cuda.is_available(), **kw)
-
-
-def lr_factor(step: int, *, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Multiplier of train.lr for optimizer step `step` (0-based). Warmup is linear and reaches the
-    full rate at step warmup_steps - 1, so the first step already learns (a ramp from 0 wastes it);
-    then cosine or linear decay to min_lr_ratio at the last step, or constant."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps + 1) / max(1, max_steps - warmup_steps)
-    progress = min(progress, 1.0)
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
-
-
-def build_scheduler(optimizer, recipe: config.Recipe):
-    t = recipe.train
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        functools.partial(lr_factor, schedule=t.lr_schedule, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_lr_ratio=t.min_lr_ratio),
-    )
 
 
 def token_loss_sum(engine, batch: dict) -> torch.Tensor:
@@ -198,14 +158,13 @@ def train_step(engine, window: list[dict], dist: distributed.DistInfo,
 
 
 @torch.no_grad()
-def evaluate(engine, val: list, recipe: config.Recipe, dist: distributed.DistInfo, pad_id: int, stop=None) -> float | None:
+def evaluate(engine, val: list, recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo, pad_id: int, stop=None) -> float | None:
     """Token-weighted validation loss over the whole set, identical on every rank. With `stop` (a
     StopFlag), None when a rank was signalled: every rank checks it before each batch (a long eval would
     otherwise hold a preemption back until it ends)."""
     engine.eval()
     loss_sum = tokens = 0.0
-    flat = data.flat_batches(recipe.data, engine.module)
-    per_forward = recipe.eval.batch_size or recipe.train.micro_batch_size
+    flat, per_forward = plan.flat_batches, plan.eval_batch_size
     for idx, weights in data.eval_batches(len(val), per_forward, dist.world_size, dist.rank, recipe.eval.max_samples):
         if stop is not None and stop.should_stop(dist.device):  # sync point: all ranks leave the eval together
             engine.empty_partition_cache()
@@ -261,198 +220,23 @@ def answer_eval(run: "Run", step: int) -> float:
     return rate
 
 
-@dataclass
-class Run:
-    """Everything the loop needs, built by `setup` (tests and tools build one the same way)."""
-
-    recipe: config.Recipe
-    dist: distributed.DistInfo
-    tokenizer: object
-    pad_id: int
-    train_set: list
-    val_set: list
-    sampler: data.StepSampler
-    engine: object
-    scheduler: object
-    log: metrics.MetricsLogger
-    flops_per_token: float
-    peak_flops: float
-    stop: checkpoint.StopFlag
-    state: dict  # trainer state: step, tokens_seen, elapsed_s, best_val, evals_without_gain, exact_match_step0 and exact_match (saved in checkpoints)
-    hf_ds_config: object = None  # transformers keeps only a weakref to it; this keeps ZeRO-3 loading alive
-    memory: dict | None = None  # the last live footprint (harness/memory/live.py)
-    output_lock: object = None  # rank 0: the open, flock-ed output_dir/.harness.lock (harness/run_lock.py)
-    fingerprint: dict | None = None  # checkpoint.recipe_fingerprint, recorded in every checkpoint's manifest
-
-
-def setup(recipe: config.Recipe, precision: str, ds: dict, model_cfg: dict) -> Run:
-    import deepspeed
-    from transformers import AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
-    # Signals from here on end in exit 75 (at once while nothing is trained; see StopFlag), the
-    # rendezvous included: a job stuck waiting for its nodes can still be preempted cleanly.
-    stop = checkpoint.StopFlag(max_runtime_s=60 * recipe.checkpoint.max_runtime_minutes, margin_s=60 * recipe.checkpoint.exit_margin_minutes)
-    dist = distributed.init_distributed()
-    # One run per output_dir: rank 0 takes the lock (held until it exits) and every rank learns the verdict.
-    lock, problem = None, [None]
-    if dist.is_main:
-        try:
-            lock = run_lock.acquire(recipe.output_dir)
-        except ConfigError as e:
-            problem = [str(e)]
-    torch.distributed.broadcast_object_list(problem, src=0)  # sync point: no rank goes on when the lock failed
-    if problem[0]:
-        raise ConfigError(problem[0])
-    t = recipe.train
-    # Before anything is allocated, so the snapshot shows the model load as well as the steps.
-    snapshot = recipe.log.memory_snapshot and live_memory.start_snapshot(dist.device)
-    torch.manual_seed(t.seed)
-    c = recipe.checkpoint
-    # Rank 0 picks (and verifies) the checkpoint to resume from, and checks that this recipe may continue
-    # it (the fingerprint in its manifest); every rank uses its choice.
-    fingerprint = checkpoint.recipe_fingerprint(recipe)
-    choice = [None, None]
-    if dist.is_main:
-        found = checkpoint.find_resume_dir(recipe.output_dir, c.resume, log=print, check_hashes=c.verify == "sha256")
-        refused, allowed = checkpoint.resume_changes(checkpoint.read_manifest(found).get("recipe") or fingerprint, fingerprint) if found else ([], [])
-        if allowed:
-            shown = "; ".join(allowed[:8]) + (" ..." if len(allowed) > 8 else "")
-            print(f"resuming {found.name} with {len(allowed)} recipe change(s): {shown}", flush=True)
-        problem = (f"{found} was trained with another recipe ({'; '.join(refused)}), and these keys decide what the checkpoint "
-                   "holds; restore them, or train afresh in another output_dir (or with checkpoint.resume=none)") if refused else None
-        choice = [str(found) if found else None, problem]
-    torch.distributed.broadcast_object_list(choice, src=0)  # sync point: every rank resumes the same checkpoint, or none
-    if choice[1]:
-        raise ConfigError(choice[1])
-    resume_dir = Path(choice[0]) if choice[0] else None
-    state = {"step": 0, "tokens_seen": 0.0, "elapsed_s": 0.0, "best_val": math.inf, "evals_without_gain": 0}
-    universal_dir = None
-    if resume_dir is not None:
-        manifest = checkpoint.read_manifest(resume_dir)
-        state["step"] = manifest["step"]
-        if checkpoint.needs_universal(manifest, dist.world_size):
-            # Another world size: load DeepSpeed's per-parameter (universal) copy of the checkpoint.
-            universal_dir = checkpoint.universal_copy(resume_dir, dist)
-            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
-    log = metrics.MetricsLogger(
-        recipe.output_dir,
-        is_main=dist.is_main,
-        total_steps=t.max_steps,
-        progress_bar=recipe.log.progress_bar,
-        wandb_cfg={"project": recipe.log.wandb_project, "name": recipe.log.wandb_run_name} if recipe.log.wandb else None,
-        recipe_dict=config.to_dict(recipe),
-        resume_step=state["step"],
-    )
-    if recipe.log.memory_snapshot and not snapshot:
-        log.message(f"log.memory_snapshot: the allocator history needs CUDA; nothing is recorded on {dist.device.type}")
-    if dist.is_main:
-        Path(recipe.output_dir, "recipe.yaml").write_text(config.dump_yaml(recipe))
-        Path(recipe.output_dir, "ds_config.json").write_text(json.dumps(ds, indent=2))
-
-    # Data first: a bad row fails here, before minutes of model loading.
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cache_dir = recipe.data.cache_dir or str(Path(recipe.output_dir) / "data_cache")
-    train_set, val_set, stats = data.build_datasets(recipe.data, tokenizer, t.seed, cache_dir=cache_dir, rank=dist.rank,
-                                                    world_size=dist.world_size, say=log.message)
-    lengths = data.sample_lengths(train_set) if recipe.data.group_by_length else None
-    sampler = data.StepSampler(len(train_set), t.global_batch_size, t.micro_batch_size, dist.world_size, dist.rank, t.seed,
-                               lengths=lengths, unit="packed rows" if recipe.data.packing else "samples")
-    for line in stats.lines(recipe.data.seq_len):
-        log.message(line)
-    log.log({"data": stats.record()})
-
-    # Model. Under ZeRO-3 the streamed loader (default) partitions layer by layer; from_pretrained
-    # (loader: hf) needs the HfDeepSpeedConfig to exist (and stay referenced: transformers holds only a
-    # weakref) before loading, and the streamed loader needs it absent while building its skeleton.
-    stage = zero_stage(ds)
-    loader = recipe.model.loader if recipe.model.loader != "auto" else ("streamed" if stage == 3 else "hf")
-    hf_ds_config = HfDeepSpeedConfig(ds) if stage == 3 and loader == "hf" else None
-    load_t0 = time.perf_counter()
-    attn = model_lib.choose_attn_implementation(recipe.model.attn_implementation, dist.device.type == "cuda", precision)
-    model = model_lib.load_model(
-        recipe.model.path,
-        method=recipe.method,
-        precision=precision,
-        attn_implementation=attn,
-        device=dist.device,
-        zero3=stage == 3,
-        trust_remote_code=recipe.model.trust_remote_code,
-        freeze_layers=recipe.freeze_layers,
-        lora_r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        lora_targets=recipe.lora.target_modules,
-        seed=t.seed,
-        loader=loader,
-        ds_config=ds,
-    )
-    if stage == 3 and hf_ds_config is None:
-        hf_ds_config = HfDeepSpeedConfig(ds)  # from here on transformers knows it runs under ZeRO-3
-    patched = kernels.apply_kernels(model, recipe.kernels)  # inside module forwards, before ZeRO-3 wraps them
-    n_layers = int(model_cfg["num_hidden_layers"])
-    n_ckpt = model_lib.apply_gradient_checkpointing(model, t.gradient_checkpointing, t.checkpoint_every_k)
-    counts = model_lib.count_parameters(model)
-    log.message(
-        f"model: {type(model).__name__} method={recipe.method} precision={precision} attn={attn} zero_stage={stage} "
-        f"checkpointed_layers={n_ckpt}/{n_layers} world_size={dist.world_size} kernels={patched or 'none'} "
-        f"loader={loader} ({time.perf_counter() - load_t0:.1f} s)"
-    )
-    log.message(counts.line())
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, recipe, ds)
-    scheduler = build_scheduler(optimizer, recipe)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=trainable, config=ds)
-    engine.train()
-    if resume_dir is not None:
-        state = checkpoint.load_checkpoint(engine, resume_dir, dist, exclude_frozen=recipe.method != "full", universal_dir=universal_dir)
-        # checkpoint.verify=size reads a sample of each file: a corrupted value elsewhere shows here, as a
-        # NaN or an absurd magnitude in what this rank loaded (every rank checks its own shard).
-        bad = checkpoint.loaded_state_problem(engine)
-        verdicts = [None] * dist.world_size
-        torch.distributed.all_gather_object(verdicts, bad)  # sync point: every rank stops if any shard is bad
-        bad_rank = next((r for r, v in enumerate(verdicts) if v), None)
-        if bad_rank is not None:
-            raise checkpoint.CheckpointError(f"checkpoint {resume_dir} is corrupted: rank {bad_rank} loaded {verdicts[bad_rank]}; resume "
-                                             "from an older checkpoint (checkpoint.resume=PATH) and keep checkpoint.verify=sha256, "
-                                             "which reads every byte")
-        log.message(f"resumed from {resume_dir}{' (universal copy)' if universal_dir else ''} at step {state['step']}")
-
-    # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
-    embed_numel = 0 if model_cfg.get("tie_word_embeddings") else int(model_cfg["vocab_size"]) * int(model_cfg["hidden_size"])
-    flops_per_token = metrics.train_flops_per_token(
-        matmul_params=counts.total - embed_numel,
-        trainable_matmul_params=counts.trainable,
-        full_finetune=recipe.method == "full",
-        num_layers=n_layers,
-        hidden=int(model_cfg["hidden_size"]),
-        seq_len=recipe.data.seq_len,
-        recompute_fraction=n_ckpt / n_layers,
-    )
-    return Run(recipe, dist, tokenizer, pad_id, train_set, val_set, sampler, engine, scheduler, log,
-               flops_per_token, metrics.device_peak_tflops(t.peak_tflops) * 1e12, stop, state, hf_ds_config, output_lock=lock,
-               fingerprint=fingerprint)
-
-
 def fit(run: Run) -> tuple[int, bool]:
     """The training loop. Returns (last optimizer step taken, stopped by a signal or the time limit)."""
     recipe, t, dist, engine, log, state = run.recipe, run.recipe.train, run.dist, run.engine, run.log, run.state
     ckpt = recipe.checkpoint
     do_eval = bool(run.val_set) and recipe.eval.every_steps > 0
-    start, last_save = time.perf_counter() - state["elapsed_s"], time.perf_counter()
-    if do_eval and state["step"] == 0:  # the untrained model's loss, the baseline learning is measured against
-        val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id)
+    start, last_save = time.perf_counter() - state.elapsed_s, time.perf_counter()
+    if do_eval and state.step == 0:  # the untrained model's loss, the baseline learning is measured against
+        val_loss = evaluate(engine, run.val_set, recipe, run.plan, dist, run.pad_id)
         log.log({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.message(f"step 0: val_loss {val_loss:.4f}")
         if recipe.eval.generate_samples:
-            state["exact_match_step0"] = answer_eval(run, 0)
-    step = state["step"]
+            state.exact_match_step0 = answer_eval(run, 0)
+    step = state.step
     first_step = step + 1  # the first step this process runs (a resumed run starts past 1)
     log.advance(step)
-    flat = data.flat_batches(recipe.data, engine.module)  # one row per micro-batch (padding-free, or packing under flash-attn)
-    for step in range(state["step"] + 1, t.max_steps + 1):
+    flat = run.plan.flat_batches  # one row per micro-batch (padding-free, or packing under flash-attn)
+    for step in range(state.step + 1, t.max_steps + 1):
         window = [data.collate([run.train_set[i] for i in idx], run.pad_id, flatten=flat) for idx in run.sampler.window(step - 1)]
         lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances it in step())
         every = recipe.log.memory_every_steps
@@ -462,7 +246,7 @@ def fit(run: Run) -> tuple[int, bool]:
         run.stop.clean = False  # from here until the next checkpoint a signal only sets the flag
         loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist, phases)
         step_s = time.perf_counter() - t0
-        state["tokens_seen"] += global_tokens
+        state.tokens_seen += global_tokens
         if measured:  # after a full step: weights, grads and Adam state all exist
             run.memory = {**live_memory.footprint(engine), **phases.as_footprint()}
             log.log({"step": step, "memory": live_memory.record(run.memory)})
@@ -476,7 +260,7 @@ def fit(run: Run) -> tuple[int, bool]:
                 "grad_norm": grad_norm,
                 "tokens_per_s": global_tokens / step_s,
                 "tokens_per_s_per_rank": local_tokens / step_s,
-                "tokens_seen": state["tokens_seen"],
+                "tokens_seen": state.tokens_seen,
                 "elapsed_s": time.perf_counter() - start,
                 "step_s": step_s,
                 **metrics.peak_memory_gib(dist.device),
@@ -487,36 +271,36 @@ def fit(run: Run) -> tuple[int, bool]:
         log.advance()
         val_loss = None
         if do_eval and (step % recipe.eval.every_steps == 0 or step == t.max_steps):
-            val_loss = evaluate(engine, run.val_set, recipe, dist, run.pad_id, stop=run.stop)  # None: a signal cut it short
+            val_loss = evaluate(engine, run.val_set, recipe, run.plan, dist, run.pad_id, stop=run.stop)  # None: a signal cut it short
         if val_loss is not None:
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
             log.message(f"step {step}: val_loss {val_loss:.4f}")
             if recipe.eval.generate_samples and not run.stop.should_stop(dist.device):  # (collective: all ranks agree)
-                state["exact_match"] = answer_eval(run, step)
+                state.exact_match = answer_eval(run, step)
             # Early stopping: val_loss is all-reduced, so every rank takes the same decision.
-            if val_loss < state["best_val"] - recipe.eval.early_stopping_min_delta:
-                state["best_val"], state["evals_without_gain"] = val_loss, 0
+            if val_loss < state.best_val - recipe.eval.early_stopping_min_delta:
+                state.best_val, state.evals_without_gain = val_loss, 0
             else:
-                state["evals_without_gain"] += 1
-            if recipe.eval.early_stopping_patience and state["evals_without_gain"] >= recipe.eval.early_stopping_patience:
-                log.message(f"early stopping at step {step}: no val_loss gain in {state['evals_without_gain']} evals")
+                state.evals_without_gain += 1
+            if recipe.eval.early_stopping_patience and state.evals_without_gain >= recipe.eval.early_stopping_patience:
+                log.message(f"early stopping at step {step}: no val_loss gain in {state.evals_without_gain} evals")
                 break
         # Checkpoint when due, or when any rank was signalled / is out of time (all ranks agree first).
         stopping = run.stop.should_stop(dist.device)
         due = ((ckpt.every_steps and step % ckpt.every_steps == 0)
                or (ckpt.every_minutes and time.perf_counter() - last_save >= 60 * ckpt.every_minutes))
         if (due or stopping) and step < t.max_steps:
-            state.update(step=step, elapsed_s=time.perf_counter() - start)
-            path = checkpoint.save_checkpoint(engine, recipe.output_dir, step, state, dist, exclude_frozen=recipe.method != "full",
+            state.step, state.elapsed_s = step, time.perf_counter() - start
+            path = checkpoint.save_checkpoint(engine, recipe.output_dir, step, state.to_dict(), dist, exclude_frozen=recipe.method != "full",
                                               keep_last=ckpt.keep_last, recipe=run.fingerprint)
             last_save = time.perf_counter()
             run.stop.clean = True  # everything is on disk: a signal from here on exits at once
             log.message(f"checkpoint {path} ({'stop: ' + run.stop.reason if stopping else 'periodic'})")
         if stopping and step < t.max_steps:
             return step, True
-    if recipe.eval.generate_samples and "exact_match_step0" in state and "exact_match" in state:
+    if recipe.eval.generate_samples and state.exact_match_step0 is not None and state.exact_match is not None:
         log.message(f"exact match on {min(len(run.val_set), recipe.eval.generate_samples)} held-out prompts: "
-                    f"{100 * state['exact_match_step0']:.1f}% before training -> {100 * state['exact_match']:.1f}% after step {step}")
+                    f"{100 * state.exact_match_step0:.1f}% before training -> {100 * state.exact_match:.1f}% after step {step}")
     return step, False
 
 
@@ -531,7 +315,7 @@ def report_error(e: Exception) -> int:
         # quietly (rank 0 has said it all); after, StopFlag's handler would turn the wait into a
         # preemption traceback: this rank then ignores it and says its line too.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            if isinstance(getattr(signal.getsignal(sig), "__self__", None), checkpoint.StopFlag):
+            if isinstance(getattr(signal.getsignal(sig), "__self__", None), preemption.StopFlag):
                 signal.signal(sig, signal.SIG_IGN)
         time.sleep(10)
     print(f"error: {e}" if rank == 0 else f"error: (rank {rank}) {e}", file=sys.stderr, flush=True)
@@ -541,40 +325,41 @@ def report_error(e: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, recipe, precision, ds, model_cfg = prepare(argv)
+        args, recipe, plan, model_cfg = prepare(argv)
     except ConfigError as e:
         return report_error(e)
     if args.dry_run:
+        print("# run plan (harness/plan.py)\n" + "\n".join(plan.lines()) + "\n")
         print("# resolved recipe\n" + config.dump_yaml(recipe))
-        print("# resolved DeepSpeed config\n" + json.dumps(ds, indent=2))
+        print("# resolved DeepSpeed config\n" + json.dumps(plan.ds, indent=2))
         return 0
     try:
-        run = setup(recipe, precision, ds, model_cfg)
+        run = setup(recipe, plan, model_cfg)
     except (ConfigError, checkpoint.CheckpointError) as e:  # data errors come before the model; a bad checkpoint after it
         return report_error(e)
-    except checkpoint.Preempted as e:  # a signal while loading: nothing trained yet, so nothing to save
-        print(f"stopped during setup ({e}); nothing to save: exit {checkpoint.EXIT_PREEMPTED} to be requeued", flush=True)
-        return checkpoint.EXIT_PREEMPTED
+    except preemption.Preempted as e:  # a signal while loading: nothing trained yet, so nothing to save
+        print(f"stopped during setup ({e}); nothing to save: exit {preemption.EXIT_PREEMPTED} to be requeued", flush=True)
+        return preemption.EXIT_PREEMPTED
     except torch.cuda.OutOfMemoryError:  # loading or deepspeed.initialize: what was live, and who allocated it
         dump_memory_snapshot(recipe.output_dir, "out of memory while loading", lambda m: print(m, file=sys.stderr, flush=True))
         raise
     try:
         last_step, stopped = fit(run)
         run.stop.clean = False  # from here a signal (the launcher's, when another rank exits first) only sets the flag
-    except checkpoint.Preempted as e:  # a signal while everything was saved (the step-0 eval, just after a checkpoint)
-        run.log.message(f"stopped at step {run.state['step']} ({e}) with nothing unsaved; exit {checkpoint.EXIT_PREEMPTED} to be requeued")
+    except preemption.Preempted as e:  # a signal while everything was saved (the step-0 eval, just after a checkpoint)
+        run.log.message(f"stopped at step {run.state.step} ({e}) with nothing unsaved; exit {preemption.EXIT_PREEMPTED} to be requeued")
         run.log.close()
-        return checkpoint.EXIT_PREEMPTED
+        return preemption.EXIT_PREEMPTED
     except torch.cuda.OutOfMemoryError:
         dump_memory_snapshot(recipe.output_dir, "out of memory", run.log.message)
         raise
     if stopped:  # checkpoint written; the exit code tells the scheduler to requeue (resume: auto continues)
-        run.log.message(f"stopped at step {last_step} ({run.stop.reason}); exit {checkpoint.EXIT_PREEMPTED} to be requeued")
+        run.log.message(f"stopped at step {last_step} ({run.stop.reason}); exit {preemption.EXIT_PREEMPTED} to be requeued")
         run.log.close()
         distributed.shutdown()
-        return checkpoint.EXIT_PREEMPTED
+        return preemption.EXIT_PREEMPTED
     run.engine.empty_partition_cache()  # no parameter left gathered or in flight before gathering for the save
-    out = checkpoint.save_final(
+    out = export.save_final(
         run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=run.dist.is_main, steps_trained=last_step
     )
     run.log.message(f"saved {out}")
@@ -597,10 +382,8 @@ def write_memory_report(run: Run, step: int) -> None:
     """output_dir/memory_report.md: the pre-flight budget beside the last measured footprint."""
     from harness import memory
 
-    on_cuda = run.dist.device.type == "cuda"
     try:
-        budget = memory.budget_for_recipe(run.recipe, run.dist.world_size, torch.cuda.get_device_properties(0).total_memory
-                                          if on_cuda else None, device="cuda" if on_cuda else "cpu")
+        budget = memory.budget_for_plan(run.recipe, run.plan)
     except (ValueError, KeyError) as e:  # an architecture the budget does not model: report the measurement alone
         run.log.message(f"memory report without a budget: {e}")
         budget = None

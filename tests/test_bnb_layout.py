@@ -28,8 +28,10 @@ def forced_repack_path(monkeypatch):
 
 
 def _qlora(path, loader):
-    return model_lib.load_model(str(path), method="qlora", precision="fp32", attn_implementation="sdpa",
-                                device=torch.device("cpu"), zero3=False, loader=loader, lora_dropout=0.0, lora_r=8, lora_alpha=16)
+    from harness import config
+
+    recipe = config.load_recipe(None, [f"model.path={path}", "method=qlora", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"])
+    return model_lib.load_model(recipe, precision="fp32", attn_implementation="sdpa", device=torch.device("cpu"), loader=loader)
 
 
 def _recipe(path):

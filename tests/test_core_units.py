@@ -105,7 +105,7 @@ def test_4bit_weights_count_at_logical_size(tiny_llama):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_lr_schedule_warms_up_from_the_first_step_and_decays_to_the_floor(schedule):
-    from harness.train import lr_factor
+    from harness.build import lr_factor
 
     f = [lr_factor(s, schedule=schedule, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # the first step already learns
@@ -186,15 +186,23 @@ def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path):
     import shutil
     from pathlib import Path
 
-    from harness import config, train
+    from harness import config, memory, train
 
     repo = Path(__file__).resolve().parent.parent
     shutil.copy(repo / "harness" / "model_configs" / "llama-3.1-70b.json", tmp_path / "config.json")
     recipe = config.load_recipe(str(repo / "harness" / "recipes" / "llama3_70b_qlora.yaml"), [f"model.path={tmp_path}"])
+    cfg = config.read_model_config(str(tmp_path))
+
+    def check(world_size, gpu_gib):
+        plan = memory.plan_for_target(recipe, world_size, device="cuda", device_memory_bytes=int(gpu_gib * 2**30), model_cfg=cfg)
+        train.check_memory_budget(recipe, plan, cfg)
+        return plan
+
     refused = r"(?s)does not fit in 24.0 GiB per GPU.*frozen 4-bit weights.*DOES NOT FIT.*train.memory_check=false"
     with pytest.raises(config.ConfigError, match=refused):
-        train.check_memory_budget(recipe, 1, 24 * 2**30)  # 70B in 4 bits is ~37 GiB before anything else
-    train.check_memory_budget(recipe, 64, 80 * 2**30)  # the recipe's own 8 x 8 x 80 GB: fits, no error
+        check(1, 24)  # 70B in 4 bits is ~37 GiB before anything else, whatever checkpointing "auto" picks
+    plan = check(64, 80)  # the recipe's own 8 x 8 x 80 GB: fits, no error
+    assert "budget peak" in plan.why["gradient_checkpointing"]
 
 
 def test_exit_process_flushes_the_streams_and_keeps_the_code():

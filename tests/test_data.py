@@ -488,17 +488,6 @@ def test_train_py_with_packing_mixing_and_a_bad_row(tiny_llama, tmp_path):
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2]
 
 
-def test_batch_layout_follows_the_recipe_and_the_attention_kernel():
-    class Model:
-        def __init__(self, attn):
-            self.config = type("C", (), {"_attn_implementation": attn})()
-
-    assert not data.flat_batches(DataConfig(packing=True), Model("sdpa"))  # (rows, seq_len) with a block-diagonal mask
-    assert data.flat_batches(DataConfig(packing=True), Model("flash_attention_2"))  # varlen needs a single row
-    assert data.flat_batches(DataConfig(padding_free=True), Model("eager"))
-    assert not data.flat_batches(DataConfig(), Model("flash_attention_2"))
-
-
 def test_direct_backend_encoding_equals_the_transformers_wrapper(tok, monkeypatch):
     """The fast path (tokenizers backend + char_to_token) and the wrapper path (offset mapping) agree."""
     rows = {"alpaca": ALPACA_ROWS, "chat": [{"messages": CHAT}], "text": [{"text": "héllo wörld  \u00a0 twice"}],

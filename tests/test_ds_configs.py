@@ -52,7 +52,8 @@ def recipe_for(model: Path, ds_file: Path, *extra: str):
 
 
 def resolve(recipe, ds: dict, world_size=1, precision="fp32", on_cuda=False, hidden=64):
-    return resolve_ds_config(ds, recipe, world_size=world_size, hidden_size=hidden, precision=precision, on_cuda=on_cuda, src="mine.json")
+    return resolve_ds_config(ds, recipe, world_size=world_size, hidden_size=hidden, precision=precision, on_cuda=on_cuda,
+                             micro_batch_size=recipe.train.micro_batch_size, src="mine.json")
 
 
 def auto_paths(node, prefix=""):
@@ -74,7 +75,8 @@ def test_shipped_ds_config_resolves(ds_parse, tiny_llama, ds_file, world_size, p
     validate(recipe, world_size)
     hidden = int(read_model_config(tiny_llama)["hidden_size"])
     raw = load_ds_json(str(ds_file))
-    ds = resolve_ds_config(raw, recipe, world_size=world_size, hidden_size=hidden, precision=precision, on_cuda=False, src=str(ds_file))
+    ds = resolve_ds_config(raw, recipe, world_size=world_size, hidden_size=hidden, precision=precision, on_cuda=False,
+                           micro_batch_size=MICRO, src=str(ds_file))
 
     assert list(auto_paths(ds)) == []
     assert raw == load_ds_json(str(ds_file)) and "auto" in json.dumps(raw)  # the input is not modified

@@ -288,10 +288,11 @@ def test_nf4_reference_is_bitsandbytes_dequantize(storage, nested):
 
 
 def qlora_model(path):
+    from harness.config import load_recipe
     from harness.model import load_model
 
-    return load_model(str(path), method="qlora", precision="fp32", attn_implementation="sdpa", device=torch.device("cpu"),
-                      zero3=False, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    recipe = load_recipe(None, [f"model.path={path}", "method=qlora", "lora.r=4", "lora.alpha=8", "lora.dropout=0.0"])
+    return load_model(recipe, precision="fp32", attn_implementation="sdpa", device=torch.device("cpu"))
 
 
 def test_patched_qlora_model_matches_unpatched(tiny_llama):

@@ -63,7 +63,8 @@ def test_recipe_validates_and_dry_runs(recipe_path, tiny_llama, monkeypatch):
     overrides = stand_in_overrides(recipe_path, tiny_llama)
     recipe = load_recipe(str(recipe_path), overrides)
     t = recipe.train
-    assert t.global_batch_size % (t.micro_batch_size * world) == 0, (
+    per_step = (1 if t.micro_batch_size == "auto" else t.micro_batch_size) * world
+    assert t.global_batch_size % per_step == 0, (
         f"{recipe_path.name}: global batch {t.global_batch_size} is not a multiple of micro {t.micro_batch_size} x {world} ranks (header)"
     )
     validate(recipe, world)
@@ -74,13 +75,21 @@ def test_recipe_validates_and_dry_runs(recipe_path, tiny_llama, monkeypatch):
         timeout_s=120,
     )
     out = proc.stdout
+    # The run plan comes first: every decision, and a reason for each one the recipe left "auto".
+    plan_text = out.split("# run plan", 1)[1].split("# resolved recipe", 1)[0]
+    plan = dict(line.split(": ", 1) for line in plan_text.strip().splitlines()[1:] if ": " in line)
+    for key, value in (("precision", t.precision), ("attention", recipe.model.attn_implementation), ("loader", recipe.model.loader),
+                       ("gradient_checkpointing", t.gradient_checkpointing), ("micro_batch_size", t.micro_batch_size)):
+        assert key in plan, plan_text
+        assert ("# auto:" in plan[key]) == (value == "auto"), (key, plan[key])
+    micro = int(plan["micro_batch_size"].split()[0])
     assert out.count("# resolved recipe") == 1 and out.count("# resolved DeepSpeed config") == 1, out
     assert out.index("# resolved recipe") < out.index("# resolved DeepSpeed config")
     recipe_text = out.split("# resolved recipe", 1)[1].split("# resolved DeepSpeed config", 1)[0]
     assert yaml.safe_load(recipe_text) == to_dict(recipe)  # the printed recipe is the one validated here
     ds = json.loads(out.split("# resolved DeepSpeed config", 1)[1])  # nothing but JSON after the header
     assert "auto" not in json.dumps(ds)
-    assert ds["train_micro_batch_size_per_gpu"] == t.micro_batch_size
+    assert ds["train_micro_batch_size_per_gpu"] == micro == (micro if t.micro_batch_size == "auto" else t.micro_batch_size)
     assert ds["train_batch_size"] == t.global_batch_size
-    assert ds["gradient_accumulation_steps"] == t.global_batch_size // (t.micro_batch_size * world)
+    assert ds["gradient_accumulation_steps"] == t.global_batch_size // (micro * world) == int(plan["grad_accum"])
     assert "error:" not in proc.stderr, proc.stderr

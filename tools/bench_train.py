@@ -85,7 +85,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--harness-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override for the harness run only, e.g. data.packing=true (repeatable); "
                         "the HF baseline always uses plain padded batches, as HF's collators do")
+    p.add_argument("--hf-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for the HF baseline only, e.g. train.gradient_checkpointing=full (repeatable); "
+                        "a different micro-batch needs --hf-ds-config ds_configs/zero3.json")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the harness/hf pair this many times, alternating, and report the median ratio (harness, hf only)")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.repeats > 1 and (args.kernels or args.liger or args.runs is not None):
+        p.error("--repeats compares harness with hf only: drop --kernels, --liger and --runs")
     if args.gpu_8b:
         args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads = 4096, 32, 14336, 32, 8
         args.model_vocab_size, args.seq_len, args.method, args.nproc = 128256, 4096, "qlora", 1
@@ -286,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         shape += ["--dtype", "bfloat16", "--max-shard-size", "5GB"]
     # What makes two calls' runs comparable: a run left by a call with another setting is never reused.
     setting = {"like": args.like, "shape": shape, "method": args.method, "steps": args.steps, "seq_len": args.seq_len,
-               "recipe": args.recipe, "harness_set": args.harness_set, "hf_ds_config": args.hf_ds_config, "nproc": args.nproc}
+               "recipe": args.recipe, "harness_set": args.harness_set, "hf_set": args.hf_set, "hf_ds_config": args.hf_ds_config,
+               "nproc": args.nproc}
     runs: dict = {}
     for name in RUN_NAMES:
         if name in args.runs:
@@ -313,10 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     baseline = ["--recipe", str(harness_out / "recipe.yaml"), "--ds-config", args.hf_ds_config or str(harness_out / "ds_config.json")]
     commands = {
         "harness": ("harness/train.py", ["--config", args.recipe, *overrides, f"output_dir={harness_out}"]),
-        "hf": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf"])]),
+        "hf": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf"]), *args.hf_set]),
         "harness+k": ("harness/train.py", ["--config", args.recipe, *overrides, f"output_dir={out_dirs['harness+k']}", "kernels=all"]),
-        "hf+liger": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf+liger"]), "--liger"]),
+        "hf+liger": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf+liger"]), "--liger", *args.hf_set]),
     }
+    if args.repeats > 1:
+        return repeated_pairs(args, work, commands, overrides, baseline)
     for name in RUN_NAMES:  # harness first: the others need its resolved files
         if name not in args.runs:
             continue
@@ -395,6 +407,56 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        progress(f"figures written to {args.json}")
+    return 0
+
+
+def repeated_pairs(args, work: Path, commands: dict, overrides: list[str], baseline: list[str]) -> int:
+    """harness, hf, harness, hf, ... (--repeats pairs, alternating so that drift in the machine's speed
+    hits both sides alike); each pair's tokens/s ratio, and their median."""
+    ratios, pairs = [], []
+    for rep in range(args.repeats):
+        dirs = {"harness": work / f"harness.r{rep}", "hf": work / f"hf.r{rep}"}
+        cmds = {"harness": (commands["harness"][0], ["--config", args.recipe, *overrides, f"output_dir={dirs['harness']}"]),
+                "hf": (commands["hf"][0], ["--recipe", str(dirs["harness"] / "recipe.yaml"),
+                                           "--ds-config", args.hf_ds_config or str(dirs["harness"] / "ds_config.json"),
+                                           "--output-dir", str(dirs["hf"]), *args.hf_set])}
+        summaries = {}
+        for name in ("harness", "hf"):
+            shutil.rmtree(dirs[name], ignore_errors=True)
+            run = launch(f"{name}.r{rep}", *cmds[name], work, dirs[name] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
+            if run["rc"] != 0:
+                print(f"\n{name} run {rep} failed (exit {run['rc']}); last lines of {run['stderr']}:", file=sys.stderr)
+                print(stderr_tail(Path(run["stderr"])), file=sys.stderr)
+                return 1
+            if name == "harness" and rep == 0:  # what the run plan decided (auto settings, with the budget line)
+                for line in Path(run["stdout"]).read_text(errors="replace").splitlines():
+                    if "plan: gradient_checkpointing" in line or "plan: micro_batch_size" in line or "plan: batch layout" in line:
+                        progress("harness " + line.split("plan: ", 1)[1])
+            rows = (harness_steps if name == "harness" else baseline_steps)(read_jsonl(dirs[name] / "metrics.jsonl"))
+            if len(rows) != args.steps:
+                print(f"{name} run {rep}: {len(rows)} step records, expected {args.steps}; see {run['stdout']}", file=sys.stderr)
+                return 1
+            summaries[name] = summarize(rows, args.warmup_steps, run["wall_s"])
+            summaries[name]["tokens_per_step"] = [r["tokens"] for r in rows]
+        same = summaries["harness"].pop("tokens_per_step") == summaries["hf"].pop("tokens_per_step")
+        summaries["same_tokens_every_step"] = same
+        ratios.append(summaries["harness"]["tokens_per_s"] / summaries["hf"]["tokens_per_s"])
+        pairs.append(summaries)
+        progress(f"pair {rep + 1}/{args.repeats}: harness {summaries['harness']['tokens_per_s']:.0f} tok/s, "
+                 f"hf {summaries['hf']['tokens_per_s']:.0f} tok/s, ratio {ratios[-1]:.3f}; "
+                 f"{'the same' if same else 'different'} tokens at every step")
+    median = statistics.median(ratios)
+    print(f"\nharness overrides: {' '.join(args.harness_set) or 'none'}; hf overrides: {' '.join(args.hf_set) or 'none'}")
+    print(f"ratio harness/hf tokens/s per pair: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"median ratio harness/hf tokens/s over {args.repeats} alternating pairs: {median:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": {"method": args.method, "steps": args.steps, "warmup_steps": args.warmup_steps,
+                                                    "hidden": args.hidden, "layers": args.layers, "recipe": args.recipe,
+                                                    "harness_overrides": args.harness_set, "hf_overrides": args.hf_set,
+                                                    "repeats": args.repeats},
+                                         "ratios": ratios, "median_ratio": median, "pairs": pairs}, indent=2) + "\n")
         progress(f"figures written to {args.json}")
     return 0
 

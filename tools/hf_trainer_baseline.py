@@ -46,6 +46,7 @@ from harness import config as harness_config
 from harness import data as harness_data
 from harness import distributed as harness_distributed
 from harness.numerics import DTYPES
+from harness.plan import Machine, resolve_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,20 +142,10 @@ def apply_liger(model_path: str) -> None:
     patch()
 
 
-def load_model(recipe, precision: str, on_cuda: bool):
+def load_model(recipe, precision: str, attn: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = DTYPES[precision]
-    attn = recipe.model.attn_implementation
-    if attn == "auto":  # the harness's rule: flash-attn only for 16-bit on CUDA when it imports
-        attn = "sdpa"
-        if on_cuda and precision in ("bf16", "fp16"):
-            try:
-                import flash_attn  # noqa: F401
-
-                attn = "flash_attention_2"
-            except ImportError:
-                pass
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
         # 4-bit bytes stored in `dtype` tensors so ZeRO-3 partitions them like any other weight.
@@ -287,25 +278,29 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     on_cuda = torch.cuda.is_available()
-    precision = harness_config.resolve_precision(t.precision, on_cuda)
-    if recipe.method not in ("full", "lora", "qlora", "int8"):
-        raise SystemExit(f"error: unknown method {recipe.method!r}")
-    if t.global_batch_size % (t.micro_batch_size * world_size):
-        raise SystemExit("error: train.global_batch_size must be a multiple of micro_batch_size * world size")
-    grad_accum = t.global_batch_size // (t.micro_batch_size * world_size)
+    # Plain padded samples, as HF's own collators produce, whatever layout the harness run used; then
+    # the same decisions as a harness run of that recipe (precision, attention, micro-batch,
+    # checkpointing): its RunPlan, so the two sides train the same layout unless an override says not.
+    recipe.data.packing = recipe.data.padding_free = recipe.data.group_by_length = False
+    try:
+        harness_config.validate(recipe, world_size)
+        plan = resolve_plan(recipe, world_size, Machine.detect(world_size), harness_config.read_model_config(recipe.model.path))
+    except harness_config.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    precision, micro_batch, grad_accum = plan.precision, plan.micro_batch_size, plan.grad_accum
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # TrainingArguments first: with a ZeRO-3 config it registers the HfDeepSpeedConfig that makes
     # from_pretrained partition weights while loading; `training_args` must stay alive for that.
-    checkpointing = t.gradient_checkpointing != "none"
+    checkpointing = plan.gradient_checkpointing != "none"
     training_args = TrainingArguments(
         output_dir=str(out_dir),
         deepspeed=args.ds_config or recipe.deepspeed.config,
         use_cpu=not on_cuda,  # HF Trainer + DeepSpeed on a CPU-only machine needs this
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        per_device_train_batch_size=t.micro_batch_size,
+        per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=grad_accum,
         max_steps=t.max_steps,
         learning_rate=t.lr,
@@ -321,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={
             "use_reentrant": False,
-            "every_n_layers": 1 if t.gradient_checkpointing == "full" else t.checkpoint_every_k,
+            "every_n_layers": 1 if plan.gradient_checkpointing == "full" else plan.checkpoint_every_k,
         } if checkpointing else None,
         train_sampling_strategy="sequential",  # the order is laid out by OrderedSamples
         remove_unused_columns=False,  # keep sample_index (popped before the forward)
@@ -350,16 +345,14 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Plain padded samples, as HF's own collators produce, whatever layout the harness run used.
-    recipe.data.packing = recipe.data.padding_free = recipe.data.group_by_length = False
     train_set, _val, _stats = harness_data.build_datasets(recipe.data, tokenizer, t.seed)
-    samplers = [harness_data.StepSampler(len(train_set), t.global_batch_size, t.micro_batch_size, world_size, r, t.seed)
+    samplers = [harness_data.StepSampler(len(train_set), t.global_batch_size, micro_batch, world_size, r, t.seed)
                 for r in range(world_size)]
     dataset = OrderedSamples(train_set, samplers, t.max_steps)
 
     if args.liger:
         apply_liger(recipe.model.path)
-    model = load_model(recipe, precision, on_cuda)
+    model = load_model(recipe, precision, plan.attn)
 
     trainer_ref: list = []
     trainer = make_trainer_class()(
@@ -372,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer_ref.append(trainer)
     if rank == 0:
         print(f"hf baseline: method={recipe.method} precision={precision} world_size={world_size} "
-              f"micro_batch={t.micro_batch_size} grad_accum={grad_accum} steps={t.max_steps}", flush=True)
+              f"micro_batch={micro_batch} grad_accum={grad_accum} steps={t.max_steps} attn={plan.attn} "
+              f"gradient_checkpointing={plan.gradient_checkpointing}", flush=True)
     trainer.train()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

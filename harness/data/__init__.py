@@ -23,7 +23,7 @@ build_datasets), batches (collate, StepSampler). Everything public is re-exporte
 from __future__ import annotations
 
 from harness.config import ConfigError
-from harness.data.batches import StepSampler, collate, eval_batches, flat_batches, model_inputs, without_targets
+from harness.data.batches import StepSampler, collate, eval_batches, model_inputs, without_targets
 from harness.data.cache import cache_key, tokenize_once
 from harness.data.mixing import build_datasets, mix, mix_counts, pack, split_and_mix
 from harness.data.render import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, BUILTIN_CHAT_TEMPLATE, TemplateError, chat_template_for,
@@ -36,7 +36,7 @@ from harness.data.tokens import IGNORE_INDEX, TokenPart, tokenize_columns, token
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "BUILTIN_CHAT_TEMPLATE", "IGNORE_INDEX", "ConfigError", "DataStats",
     "PackedRows", "Samples", "SourceStats", "StepSampler", "TemplateError", "TokenPart", "TokenStore", "build_datasets",
-    "cache_key", "chat_template_for", "collate", "concat_samples", "eval_batches", "flat_batches", "load_rows", "load_source",
+    "cache_key", "chat_template_for", "collate", "concat_samples", "eval_batches", "load_rows", "load_source",
     "mix", "mix_counts", "model_inputs", "pack", "render_chat", "render_row", "sample_lengths", "split_and_mix",
     "tokenize_columns", "tokenize_once", "tokenize_rows", "tokenize_texts", "without_targets",
 ]

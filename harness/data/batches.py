@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.config import ConfigError, DataConfig
+from harness.config import ConfigError
 from harness.data.samples import concat_samples
 from harness.numerics import IGNORE_INDEX
 
@@ -49,13 +49,6 @@ def model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def flat_batches(cfg: DataConfig, model) -> bool:
-    """Whether micro-batches are laid out as one row: padding_free always; packing under flash-attn,
-    whose varlen path reads sample boundaries from position_ids only when the batch is a single row."""
-    attn = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
-    return bool(cfg.padding_free or (cfg.packing and "flash" in attn))
-
-
 def without_targets(sample: tuple) -> tuple:
     """The same sample with no loss anywhere (eval repeats that only keep ranks in step)."""
     return (sample[0], torch.full_like(sample[1], IGNORE_INDEX), *sample[2:])
@@ -84,7 +77,6 @@ class StepSampler:
             raise ConfigError(f"the training set has {num_samples} {unit}, fewer than train.global_batch_size={global_batch}; "
                               f"lower the global batch or add data")
         self.n, self.G, self.mb, self.world, self.rank, self.seed = num_samples, global_batch, micro_batch, world_size, rank, seed
-        self.grad_accum = global_batch // (micro_batch * world_size)
         self.steps_per_epoch = num_samples // global_batch
         self.lengths = None if lengths is None else np.asarray(lengths)
         self._perm_epoch, self._perm = -1, None

@@ -14,7 +14,6 @@ head's weight is only gathered inside its own module's forward).
 
 from __future__ import annotations
 
-import difflib
 import sys
 import types
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from harness import _optional
-from harness.config import KERNELS
 from harness.kernels.linear_cross_entropy import linear_cross_entropy
 from harness.kernels.nf4 import nf4_linear
 from harness.kernels.rmsnorm import rmsnorm
@@ -54,21 +52,10 @@ ARCHS = {
 
 
 def resolve_kernel_names(value) -> list[str]:
-    """`all`, a list of names, or [] -> the list of kernel names. ValueError on anything else."""
-    if value == "all":
-        return list(KERNELS)
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"kernels must be 'all' or a list of {', '.join(KERNELS)}; got {value!r}")
-    for name in value:
-        if name not in KERNELS:
-            close = difflib.get_close_matches(str(name), KERNELS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown kernel '{name}'{hint}; kernels are: {', '.join(KERNELS)} or 'all'")
-    if len(set(value)) != len(value):
-        raise ValueError(f"kernels lists a name twice: {value}")
-    return list(value)
+    """`all`, a list of names, or [] -> the list of kernel names (the one check: harness/plan.py)."""
+    from harness.plan import resolve_kernels
+
+    return list(resolve_kernels(value)[0])
 
 
 # ---- the replacement forwards (bound to module instances) -----------------------------------------

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import sys
 import time
-from pathlib import Path
 
 from harness.memory.analytic import GIB, Cluster, activation_profile, load_model_shape
 from harness.memory.budget import compose
@@ -41,6 +40,8 @@ def parse_args(argv):
     g.add_argument("--checkpointing", choices=("none", "full", "every_k"))
     g.add_argument("--checkpoint-every-k", type=int)
     g.add_argument("--attn", choices=("sdpa", "flash_attention_2", "eager"))
+    g.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether flash-attn imports on the target nodes (attention auto; default: whether it imports here)")
     g.add_argument("--ds-config", help="DeepSpeed JSON (bucket sizes, offload, stage)")
     g.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     g.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None)
@@ -65,7 +66,7 @@ def parse_args(argv):
 
 def build(args):
     from harness import config
-    from harness.memory import setup_from_recipe
+    from harness.memory import plan_for_target, setup_from_plan
 
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError("--nodes and --gpus-per-node must be >= 1")
@@ -86,12 +87,19 @@ def build(args):
         ov.append(f"lora.target_modules={targets}")
     recipe = config.load_recipe(args.recipe, ov)
     t = recipe.train
-    if t.global_batch_size % (t.micro_batch_size * world):  # only the per-rank micro-batch matters here
-        recipe.train.global_batch_size = t.micro_batch_size * world
+    per_step = world * (t.micro_batch_size if t.micro_batch_size != "auto" else 1)
+    if t.global_batch_size % per_step:  # only the per-rank micro-batch matters here
+        recipe.train.global_batch_size = per_step * -(-t.global_batch_size // per_step)
     if not args.model and not recipe.model.path:
         raise ValueError("give --model (config.json, model directory or shipped name) or a recipe with model.path")
     shape = load_model_shape(args.model or recipe.model.path)
-    setup = setup_from_recipe(recipe, world, device=args.device, hidden_size=shape.hidden)
+    plan = plan_for_target(recipe, world, device=args.device, flash_attn=args.flash_attn, device_memory_bytes=cluster.gpu_memory_bytes,
+                           model_cfg=model_config_dict(args.model or recipe.model.path))
+    decided = {"gradient_checkpointing": plan.gradient_checkpointing, "micro_batch_size": plan.micro_batch_size, "attention": plan.attn}
+    for key, value in decided.items():  # what the run plan decided for "auto", and why
+        if key in plan.why:
+            print(f"plan: {key}: {value}  # {plan.why[key]}", file=sys.stderr)
+    setup = setup_from_plan(recipe, plan)
     repl = {}
     for flag, field in (("zero_stage", "zero_stage"), ("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param"),
                         ("reduce_bucket_size", "reduce_bucket_numel"), ("prefetch_bucket_size", "prefetch_bucket_numel")):
@@ -105,12 +113,11 @@ def build(args):
 def model_config_dict(spec: str) -> dict:
     import json
 
-    from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR
+    from harness.config import find_model_config
 
-    p = Path(spec)
-    p = p / "config.json" if p.is_dir() else p
-    if not p.is_file():
-        p = MODEL_CONFIGS_DIR / f"{spec}.json"
+    p = find_model_config(spec)
+    if p is None:
+        raise ValueError(f"model {spec!r}: not a config.json, a model directory or a shipped name")
     return json.loads(p.read_text())
 
 

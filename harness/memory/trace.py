@@ -72,10 +72,11 @@ def _build(cfg: dict, setup: TrainSetup, layers: int, fake_mode):
     if setup.peft:
         import peft
 
+        from harness.model import lora_config
+
         targets = "all-linear" if setup.lora_targets in ("all-linear", ("all-linear",)) else list(setup.lora_targets)
-        with torch.device("meta"):
-            model = peft.get_peft_model(model, peft.LoraConfig(r=setup.lora_r, lora_alpha=2 * setup.lora_r, lora_dropout=setup.lora_dropout,
-                                                               target_modules=targets, task_type="CAUSAL_LM", bias="none"))
+        with torch.device("meta"):  # (alpha only scales the update: no memory of its own)
+            model = peft.get_peft_model(model, lora_config(setup.lora_r, 2 * setup.lora_r, setup.lora_dropout, targets))
     else:
         for p in model.parameters():
             p.requires_grad_(True)

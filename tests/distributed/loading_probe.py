@@ -36,19 +36,15 @@ def main() -> int:
 
     from harness import distributed, train
     from harness import model as model_lib
-    from harness.deepspeed_config import zero_stage
-
-    _args, recipe, precision, ds, _model_cfg = train.prepare(argv[1:])
+    _args, recipe, plan, _model_cfg = train.prepare(argv[1:])
     dist = distributed.init_distributed()
-    assert zero_stage(ds) == 3, "the loading probe compares ZeRO-3 loaders"
-    loader = "streamed" if recipe.model.loader == "auto" else recipe.model.loader
+    assert plan.zero_stage == 3, "the loading probe compares ZeRO-3 loaders"
+    ds, precision, loader = plan.ds, plan.precision, plan.loader
     hf_ds = HfDeepSpeedConfig(ds) if loader == "hf" else None
     rss_before = peak_rss_bytes()
     t0 = time.perf_counter()
-    model = model_lib.load_model(recipe.model.path, method=recipe.method, precision=precision, attn_implementation="eager",
-                                 device=dist.device, zero3=True, lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha,
-                                 lora_dropout=0.0, lora_targets=recipe.lora.target_modules, seed=recipe.train.seed,
-                                 loader=loader, ds_config=ds)
+    model = model_lib.load_model(recipe, precision=precision, attn_implementation="eager", device=dist.device, loader=loader,
+                                 ds_config=ds, lora_dropout=0.0)
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_bytes()
     if hf_ds is None:

@@ -127,9 +127,9 @@ def main() -> int:
         return out
 
     train.data.build_datasets = build_datasets
-    _args, recipe, precision, ds, model_cfg = train.prepare(argv[1:])
+    _args, recipe, plan, model_cfg = train.prepare(argv[1:])
     with counter:
-        run = train.setup(recipe, precision, ds, model_cfg)
+        run = train.setup(recipe, plan, model_cfg)
         load_peak = counter.peak_bytes
         after_load = counter.current_bytes
         instrument_engine(run.engine, counter)

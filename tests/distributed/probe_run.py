@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from harness import checkpoint, data, distributed, train
+from harness import data, distributed, export, train
 from harness import model as model_lib
 
 
@@ -58,8 +58,8 @@ def saved_activation_bytes(engine, batch: dict) -> int:
 def main() -> int:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it first
     out_json = Path(argv[0])
-    _args, recipe, precision, ds, model_cfg = train.prepare(argv[1:])
-    run = train.setup(recipe, precision, ds, model_cfg)
+    _args, recipe, plan, model_cfg = train.prepare(argv[1:])
+    run = train.setup(recipe, plan, model_cfg)
     dist = run.dist
     shards = shard_report(run.engine.module)
     last_step, _stopped = train.fit(run)
@@ -72,7 +72,7 @@ def main() -> int:
         logits = run.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     run.engine.train()
 
-    out = checkpoint.save_final(run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=dist.is_main,
+    out = export.save_final(run.engine.module, run.tokenizer, recipe.output_dir, is_lora=recipe.method != "full", is_main=dist.is_main,
                                 steps_trained=last_step)
 
     # Activation memory with the recipe's checkpointing policy, then with checkpointing off.

@@ -48,3 +48,21 @@ def test_bench_train_refuses_a_comparison_without_its_base(tmp_path):
                        child_env(), timeout_s=120)
     assert proc.returncode == 2
     assert "harness, hf must run in this call" in proc.stderr
+
+
+def test_bench_train_alternates_repeated_pairs_with_per_side_overrides(tmp_path):
+    """--repeats: harness, hf, harness, hf (alternating), each pair's ratio and their median; --hf-set
+    reaches the baseline only (here its checkpointing), and the harness side logs what "auto" chose."""
+    out = tmp_path / "pairs.json"
+    proc = run_bounded([sys.executable, "tools/bench_train.py", "--work-dir", str(tmp_path), "--steps", "2", "--warmup-steps", "1",
+                        "--hidden", "64", "--layers", "2", "--repeats", "2", "--harness-set", "train.gradient_checkpointing=auto",
+                        "--hf-set", "train.gradient_checkpointing=full", "--json", str(out)], child_env(), timeout_s=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    assert len(figures["ratios"]) == 2 and figures["median_ratio"] == pytest.approx(sum(figures["ratios"]) / 2)
+    assert all(p["same_tokens_every_step"] for p in figures["pairs"])  # same layout: the same batches on both sides
+    assert "harness gradient_checkpointing: none  # auto: budget peak" in proc.stdout
+    starts = [line.split("]")[1].split(":")[0].strip() for line in proc.stdout.splitlines() if ": starting" in line]
+    assert starts == ["harness.r0", "hf.r0", "harness.r1", "hf.r1"], starts
+    hf_log = (tmp_path / "hf.r0.stdout.log").read_text()
+    assert "gradient_checkpointing=full" in hf_log.split("hf baseline:", 1)[1].splitlines()[0]

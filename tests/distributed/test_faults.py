@@ -112,7 +112,7 @@ def test_a_signal_in_any_phase_ends_in_exit_75_with_nothing_lost(tiny_llama, tmp
 
 
 def test_sigterm_to_the_deepspeed_runner_and_a_second_run_on_its_output_dir(tiny_llama, tmp_path):
-    """The runner dies on SIGTERM without passing it on; the ranks notice (harness/checkpoint.py:
+    """The runner dies on SIGTERM without passing it on; the ranks notice (harness/preemption.py:
     StopFlag._watch), save together and exit: no rank is left running. While the first job runs, a
     second one on the same output_dir is refused before it loads anything."""
     out, log = tmp_path / "run", tmp_path / "job.log"

@@ -56,7 +56,7 @@ def step_with_grads(run, step: int) -> dict[str, torch.Tensor]:
         apply()
 
     engine.step = step_and_keep
-    flat = data.flat_batches(run.recipe.data, engine.module)
+    flat = run.plan.flat_batches
     window = [data.collate([run.train_set[i] for i in idx], run.pad_id, flatten=flat) for idx in run.sampler.window(step - 1)]
     try:
         train.train_step(engine, window, run.dist)
@@ -66,17 +66,17 @@ def step_with_grads(run, step: int) -> dict[str, torch.Tensor]:
 
 
 def val_losses(run) -> dict[str, float]:
-    packed = dataclasses.replace(run.recipe, data=dataclasses.replace(run.recipe.data, packing=False, padding_free=True))
-    return {"padded": train.evaluate(run.engine, run.val_set, run.recipe, run.dist, run.pad_id),
-            "packed": train.evaluate(run.engine, run.val_set, packed, run.dist, run.pad_id)}
+    flat = dataclasses.replace(run.plan, flat_batches=True)  # the padding-free layout: one unpadded row per forward
+    return {"padded": train.evaluate(run.engine, run.val_set, run.recipe, run.plan, run.dist, run.pad_id),
+            "packed": train.evaluate(run.engine, run.val_set, run.recipe, flat, run.dist, run.pad_id)}
 
 
 def main() -> int:
     t0 = time.perf_counter()
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     out, steps = Path(argv[0]), int(argv[1])
-    _args, recipe, precision, ds, model_cfg = train.prepare(argv[2:])
-    run = train.setup(recipe, precision, ds, model_cfg)
+    _args, recipe, plan, model_cfg = train.prepare(argv[2:])
+    run = train.setup(recipe, plan, model_cfg)
     main_rank = run.dist.is_main
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def main() -> int:
         phases[name] = round(time.perf_counter() - t0, 1)
 
     mark("setup")
-    start = run.state["step"]
+    start = run.state.step
     record = {"start_step": start, "train_rows": len(run.train_set), "val_samples": len(run.val_set), "world_size": run.dist.world_size}
     if start == 0:
         if recipe.method != "full":
@@ -107,8 +107,9 @@ def main() -> int:
     if start == 0 and steps == 2:
         record["val_step1"] = val_losses(run)
         mark("eval 1")
-        run.state.update(step=1)
-        checkpoint.save_checkpoint(run.engine, recipe.output_dir, 1, run.state, run.dist, exclude_frozen=recipe.method != "full", keep_last=2,
+        run.state.step = 1
+        checkpoint.save_checkpoint(run.engine, recipe.output_dir, 1, run.state.to_dict(), run.dist, exclude_frozen=recipe.method != "full",
+                                   keep_last=2,
                                    recipe=run.fingerprint)
         mark("save")
     elif start == 1:

@@ -49,6 +49,11 @@ def test_demo_learns_and_plain_libraries_give_the_same_answers(real_model, tmp_p
     assert before <= MAX_BEFORE and after >= MIN_AFTER
     assert vals[-1] < 0.5 * vals[0]
     assert "held-out prompts: " in proc.stdout and "before training ->" in proc.stdout  # the demo's summary line
+    # The recipe's "auto" checkpointing and micro-batch: chosen by the budget (135M fits any host: no
+    # recomputation, all 4 packed rows of a rank in one forward), logged with the budget line, and applied.
+    assert "plan: gradient_checkpointing: none  # auto: budget peak" in proc.stdout, proc.stdout[-3000:]
+    assert "plan: micro_batch_size: 4  # auto:" in proc.stdout
+    assert "checkpointed_layers=0/30" in proc.stdout
 
     logged = [json.loads(line) for line in (run / "answers" / f"step_{max(rates):08d}.jsonl").read_text().splitlines()]
     rows = ref.read_jsonl(VAL, len(logged))

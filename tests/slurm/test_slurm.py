@@ -163,7 +163,10 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny_llama, tmp_pa
     saved = sorted((out / "checkpoints").glob("step_*"))
     assert len(saved) == 1, first_run[-4000:]
     saved_step = int(saved[0].name.split("_")[1])
-    assert signalled_after <= saved_step <= signalled_after + 1, first_run[-3000:]
+    # The checkpoint comes at a step boundary right after the signal: USR1 hops scancel -> slurmctld -> the
+    # batch shell -> srun -> torchrun -> the ranks, which takes one or two tiny-model steps (~0.2 s each) on a
+    # busy 2-core machine; a rank that ignored it would train on to step 12 and save nothing.
+    assert signalled_after <= saved_step <= signalled_after + 2 and saved_step < steps, first_run[-3000:]
     assert "training exited 75" in first_run and "requeueing job" in first_run
     assert "preflight: all 2 nodes joined" in first_run and "preflight: 2 ranks on 1 hosts" in first_run and "correct" in first_run
     assert "world_size=2" in first_run and "torchrun:" in first_run
