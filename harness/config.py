@@ -397,6 +397,8 @@ def find_model_config(spec: str) -> Path | None:
 
 
 # What the harness reads from a model's config.json (the Llama / Mistral / Qwen2 decoder layout).
+# The linear layers of every decoder layer in the Llama / Mistral / Qwen2 layout (LoRA's targets)
+DECODER_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODEL_CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
@@ -520,6 +522,15 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError(f"lora.dropout is a probability in [0, 1), got {recipe.lora.dropout}")
     if not (recipe.lora.target_modules == "all-linear" or isinstance(recipe.lora.target_modules, list)):
         raise ConfigError("lora.target_modules must be 'all-linear' or a list of module names like [q_proj, v_proj]")
+    if recipe.method != "full" and isinstance(recipe.lora.target_modules, list):
+        # peft would fail only after the model has loaded ("Target modules ... not found")
+        known = (*DECODER_LINEAR_NAMES, "lm_head", "embed_tokens")
+        for name in recipe.lora.target_modules:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"lora.target_modules: '{name}' is not a layer of a {model_cfg.get('model_type', 'Llama-style')} decoder; "
+                                  f"{hint}use some of {', '.join(known)}, or all-linear")
 
     # DeepSpeed file and stage.
     ds = load_ds_json(recipe.deepspeed.config)
@@ -541,6 +552,11 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError(f"checkpoint.resume '{c.resume}' is not a directory; use auto, none or a checkpoints/step_N directory")
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1:
         raise ConfigError("checkpoint.every_steps / every_minutes must be >= 0 and checkpoint.keep_last >= 1")
+    if c.max_runtime_minutes < 0 or c.exit_margin_minutes < 0:
+        raise ConfigError("checkpoint.max_runtime_minutes and exit_margin_minutes must be >= 0 (0 = off)")
+    if c.max_runtime_minutes > 0 and c.exit_margin_minutes >= c.max_runtime_minutes:
+        raise ConfigError(f"checkpoint.exit_margin_minutes={c.exit_margin_minutes:g} leaves no time to train in "
+                          f"checkpoint.max_runtime_minutes={c.max_runtime_minutes:g}; use a margin below the run time")
 
     # Batch arithmetic.
     t = recipe.train
@@ -548,6 +564,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
         if getattr(t, key) != "auto" and getattr(t, key) <= 0:
             raise ConfigError(f"train.{key} must be positive, got {getattr(t, key)}")
     per_step = (t.micro_batch_size if t.micro_batch_size != "auto" else 1) * world_size
+    if t.global_batch_size % per_step and t.micro_batch_size == "auto":
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by the world size {world_size} "
+                          f"(train.micro_batch_size is auto); pick a multiple of {world_size}")
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size x world_size = "

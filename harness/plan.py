@@ -89,6 +89,7 @@ class RunPlan:
     ds: dict  # the DeepSpeed config deepspeed.initialize receives, no "auto" left
     device_memory_bytes: int | None = None
     why: dict = field(default_factory=dict)
+    warnings: tuple = ()  # what the run may do but the user should know (logged with the plan)
 
     @property
     def layout(self) -> str:
@@ -112,7 +113,7 @@ class RunPlan:
         for key, value in rows:
             reason = self.why.get(key)
             out.append(f"{key}: {value}" + (f"  # {reason}" if reason else ""))
-        return out
+        return out + [f"warning: {w}" for w in self.warnings]
 
 
 def resolve_precision(requested: str, device: str) -> tuple[str, str | None]:
@@ -197,11 +198,16 @@ def resolve_plan(recipe: Recipe, world_size: int, machine: Machine, model_cfg: d
     flat = bool(recipe.data.padding_free or (recipe.data.packing and attn == "flash_attention_2"))
     if recipe.data.packing and not flat:
         why["batch layout"] = f"packed rows with a block-diagonal mask ({attn} has no varlen path)"
+    warnings = []
+    max_pos = model_cfg.get("max_position_embeddings")
+    if isinstance(max_pos, int) and recipe.data.seq_len > max_pos:
+        warnings.append(f"data.seq_len={recipe.data.seq_len} exceeds the model's max_position_embeddings={max_pos}: positions past it "
+                        "are extrapolated by RoPE, which the model was not trained on (lower data.seq_len, or extend the context on purpose)")
     base = dict(world_size=world_size, device=machine.device, precision=precision, attn=attn, packed=bool(recipe.data.packing),
                 flat_batches=flat, loader=loader,
                 zero_stage=stage, offload_optimizer=offloads(ds_file, "offload_optimizer"),
                 offload_param=offloads(ds_file, "offload_param"),
-                kernels=kernels, kernels_explicit=explicit, device_memory_bytes=machine.device_memory_bytes)
+                kernels=kernels, kernels_explicit=explicit, device_memory_bytes=machine.device_memory_bytes, warnings=tuple(warnings))
     hidden = int(model_cfg["hidden_size"])
 
     def plan_for(micro: int, policy: str, k: int) -> RunPlan:

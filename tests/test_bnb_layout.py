@@ -15,6 +15,7 @@ import torch
 
 from harness import export
 from harness import model as model_lib
+from tests import reference as ref
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
@@ -86,11 +87,23 @@ def test_an_eval_pass_changes_nothing(request, forced_repack_path, model_fixture
 
     # The gradients after the eval pass are those the same model gave before it ever ran in eval mode (with
     # the bug, the repacked layers pass no input gradient, so every adapter below the top one is off).
-    if builder == "export-base":
-        return
-    got, want = _grads(model, ids), grads_before
-    assert [n for n, _ in got] == [n for n, _ in want]
-    assert all(torch.equal(g, w) for (_, g), (_, w) in zip(got, want))
+    if builder != "export-base":
+        got, want = _grads(model, ids), grads_before
+        assert [n for n, _ in got] == [n for n, _ in want]
+        assert all(torch.equal(g, w) for (_, g), (_, w) in zip(got, want))
+
+    # And after all that, an eval forward still equals plain transformers + bitsandbytes' own NF4 model
+    # (tests/reference.py shares no code with harness/), with the adapters back at B = 0 (LoRA's identity).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    plain = ref.load_base(path, quantized=True, attn=export.ATTN if builder == "export-base" else "sdpa").eval()  # as it was built
+    model.eval()
+    with torch.no_grad():
+        got_logits, want_logits = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    print(f"{model_fixture} {builder}: max |logit - plain bitsandbytes| = {(got_logits - want_logits).abs().max():.2e}")
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
 
 
 def _grads(model, ids) -> list:

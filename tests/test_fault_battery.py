@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,15 @@ def recipe_file(tmp: Path, model: Path, body: str = "", ds: dict | None = None) 
 def check(tmp: Path, model: Path, overrides: list[str] = (), body: str = "", ds: dict | None = None, world_size: int = 1):
     """load_recipe + validate, as train.prepare does on every rank before anything loads."""
     config.validate(config.load_recipe(str(recipe_file(tmp, model, body, ds)), list(overrides)), world_size)
+
+
+def plan_on_cpu(tmp: Path, model: Path, overrides: list[str]):
+    """validate + the run plan on a CPU machine, as train.prepare does."""
+    from harness.plan import Machine, resolve_plan
+
+    recipe = config.load_recipe(str(recipe_file(tmp, model)), list(overrides))
+    config.validate(recipe, 1)
+    return resolve_plan(recipe, 1, Machine("cpu", False, 8 << 30), config.read_model_config(str(model)))
 
 
 def model_copy(tmp: Path, model: Path, edit) -> Path:
@@ -104,11 +114,19 @@ def world_size_env(value: str):
 
 
 def run_dir(tmp: Path, model: Path, *overrides: str) -> Path:
-    """A run directory as train.py leaves it: recipe.yaml and an adapter (the export tests never get past the checks)."""
+    """A run directory as train.py leaves it: recipe.yaml and a real (untrained) LoRA adapter, so that an
+    export without the checks would go ahead and write where it was told."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
     run = tmp / "run"
     run.mkdir()
     recipe = config.load_recipe(str(recipe_file(tmp, model)), [f"output_dir={run}", *overrides])
     (run / "recipe.yaml").write_text(config.dump_yaml(recipe))
+    lo = recipe.lora
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    lcfg = peft.LoraConfig(r=lo.r, lora_alpha=lo.alpha, target_modules=lo.target_modules, init_lora_weights=False)  # B != 0: "trained"
+    peft.get_peft_model(base, lcfg).save_pretrained(str(run / "adapter"))
     return run
 
 
@@ -125,6 +143,31 @@ def site(name: str, tmp: Path) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise ConfigError(proc.stderr.strip())
     return proc
+
+
+_MOUNTED: list[Path] = []
+
+
+def read_only_dir(tmp: Path) -> Path:
+    """A directory nobody may write, root included: a read-only tmpfs mounted there (the tests run as root,
+    which ignores file modes), or mode 0555 for another user."""
+    d = tmp / "read_only"
+    d.mkdir()
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        return d
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({done.stderr.strip()})")
+    _MOUNTED.append(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _unmount_read_only_dirs():
+    yield
+    while _MOUNTED:
+        subprocess.run(["umount", str(_MOUNTED.pop())], check=True)
 
 
 def symlinked(tmp: Path, name: str) -> Path:
@@ -208,7 +251,30 @@ CASES = {
     "output-dir-locked": (lambda t, m: second_lock(t), ConfigError, ["is in use by another run", f"pid {os.getpid()}", "choose another output_dir"]),
     "output-dir-symlinked-metrics": (lambda t, m: run_lock.acquire(str(symlinked(t, "metrics.jsonl"))), ConfigError,
                                      ["metrics.jsonl is a symbolic link", "remove the link"]),
+    "output-dir-read-only": (lambda t, m: run_lock.acquire(str(read_only_dir(t))), ConfigError,
+                             ["is not writable (Read-only file system)", "choose a writable output_dir"]),
+    "output-dir-under-read-only": (lambda t, m: run_lock.acquire(str(read_only_dir(t) / "run")), ConfigError,
+                                   ["cannot be created (Read-only file system)", "choose a writable output_dir"]),
     "output-dir-symlinked-recipe": (lambda t, m: run_lock.acquire(str(symlinked(t, "recipe.yaml"))), ConfigError, ["recipe.yaml is a symbolic link"]),
+    # beyond the issue's list: batch, checkpointing and run-plan keys, LoRA targets, time limits
+    "micro-batch-auto-indivisible": (lambda t, m: check(t, m, ["train.micro_batch_size=auto", "train.global_batch_size=7"], world_size=2),
+                                     ConfigError, ["global_batch_size=7 is not divisible by the world size 2", "pick a multiple of 2"]),
+    "micro-batch-word": (lambda t, m: check(t, m, ["train.micro_batch_size=four"]), ConfigError,
+                         ["train.micro_batch_size", "must be int (a whole number) or auto", "'four'"]),
+    "checkpoint-every-k-zero": (lambda t, m: check(t, m, ["train.gradient_checkpointing=every_k", "train.checkpoint_every_k=0"]),
+                                ConfigError, ["train.checkpoint_every_k must be >= 1"]),
+    "checkpointing-typo": (lambda t, m: check(t, m, ["train.gradient_checkpointing=ful"]), ConfigError, ["did you mean 'full'"]),
+    "lora-target-not-a-layer": (lambda t, m: check(t, m, ["lora.target_modules=[q_proj, nope_proj]"]), ConfigError,
+                                ["lora.target_modules: 'nope_proj' is not a layer", "q_proj", "all-linear"]),
+    "lora-target-typo": (lambda t, m: check(t, m, ["lora.target_modules=[q_prj]"]), ConfigError, ["did you mean 'q_proj'"]),
+    "runtime-negative": (lambda t, m: check(t, m, ["checkpoint.max_runtime_minutes=-5"]), ConfigError,
+                         ["checkpoint.max_runtime_minutes", "must be >= 0"]),
+    "exit-margin-over-runtime": (lambda t, m: check(t, m, ["checkpoint.max_runtime_minutes=5", "checkpoint.exit_margin_minutes=10"]),
+                                 ConfigError, ["exit_margin_minutes=10 leaves no time to train", "use a margin below"]),
+    "flash-attn-where-it-cannot-run": (lambda t, m: plan_on_cpu(t, m, ["model.attn_implementation=flash_attention_2"]), ConfigError,
+                                       ["flash_attention_2 but flash-attn is not usable here", "model.attn_implementation=sdpa"]),
+    "source-format-typo": (lambda t, m: check(t, m, [f"data.sources=[{{path: {ASSET}, format: alpacca}}]"]), ConfigError,
+                           ["data.sources.0.format", "did you mean 'alpaca'"]),
     # export (items 4, 11)
     "export-over-the-base": (lambda t, m: export.export(run_dir(t, m), "adapter", m), ValueError, ["would write into the base model"]),
     "export-into-the-base": (lambda t, m: export.export(run_dir(t, m), "adapter", m / "sub"), ValueError, ["would write into the base model"]),
@@ -401,3 +467,17 @@ def test_a_resume_may_not_change_what_the_checkpoint_holds(tmp_path, tiny_llama,
     elsewhere = config.load_recipe(str(recipe_file(tmp_path, moved)), ["lora.r=8"])
     no, yes = checkpoint.resume_changes(checkpoint.recipe_fingerprint(base), checkpoint.recipe_fingerprint(elsewhere))
     assert not no and yes == [f"model.path: '{tiny_llama}' -> '{moved}'"]
+
+
+def test_the_grading_tool_runs_every_row(tmp_path):
+    """tools/fault_battery.py grades each row (well / partly / badly) in a child process; on this
+    checkout every row is handled well (the per-row checks are the test above)."""
+    out = tmp_path / "grades.json"
+    proc = subprocess.run([sys.executable, "tools/fault_battery.py", "--quiet", "--json", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    counts = figures["counts"]
+    assert counts["partly"] == counts["badly"] == 0 and counts["well"] + counts["skipped"] == len(CASES), counts
+    assert [r["case"] for r in figures["rows"]] == list(CASES)
+    assert f"{len(CASES)} cases: " in proc.stdout

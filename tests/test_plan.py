@@ -208,3 +208,14 @@ def test_memory_cli_plans_auto_for_the_target_cluster(capsys, tmp_path):
         assert "plan: attention: sdpa  # auto: flash-attn is not importable" in err  # --no-flash-attn: the target has none
         chosen[gib] = setup["checkpointing"]
     assert chosen == {80: "full", 200: "none"}, chosen  # more memory per GPU, less recomputation
+
+
+def test_a_sequence_longer_than_the_model_is_logged_with_the_plan(tiny_llama):
+    """Past max_position_embeddings RoPE extrapolates: allowed (context extension does it on purpose),
+    but said in the plan the run logs and --dry-run prints."""
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    recipe = load_recipe(str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"), [f"model.path={tiny_llama}", "data.seq_len=4096"])
+    lines = resolve_plan(recipe, 1, MACHINES["cpu"], cfg).lines()
+    assert f"warning: data.seq_len=4096 exceeds the model's max_position_embeddings={cfg['max_position_embeddings']}" in lines[-1]
+    short = load_recipe(str(REPO / "harness" / "recipes" / "tiny_qlora.yaml"), [f"model.path={tiny_llama}"])
+    assert not [line for line in resolve_plan(short, 1, MACHINES["cpu"], cfg).lines() if line.startswith("warning:")]

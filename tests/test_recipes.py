@@ -44,6 +44,7 @@ def stand_in_overrides(recipe_path: Path, tiny_llama) -> list[str]:
         n_layers = int(read_model_config(tiny_llama)["num_hidden_layers"])
         if r.freeze_layers >= n_layers:
             out.append(f"freeze_layers={n_layers - 1}")
+
     for i, src in enumerate(r.data.sources):  # validate() only checks that data paths exist
         if src.path and not (REPO / src.path).exists():
             out.append(f"data.sources.{i}.path={STAND_IN_DATA}")

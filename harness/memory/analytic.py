@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from harness.config import find_model_config, shipped_config_names
+from harness.config import DECODER_LINEAR_NAMES, find_model_config, shipped_config_names
 
 GIB = 2**30
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = DECODER_LINEAR_NAMES
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ATTN_BACKENDS = ("sdpa", "flash_attention_2", "eager")
 # bitsandbytes NF4 with double quantisation: 4 bits + u8 absmax per 64 + fp32 absmax per 64*256 (+ small).

@@ -151,7 +151,9 @@ def test_template_trains_on_a_real_slurm(cluster, tiny_llama, tmp_path, template
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, tiny_llama, tmp_path):
     out = tmp_path / "run"
-    steps = 12
+    # Enough steps that the run is still training when USR1 arrives: a tiny-model step takes ~0.2 s, and a
+    # signal that lands after the last step only sets the flag (the run ends with 0 and is not requeued).
+    steps = 40
     job = submit("train_70b.sh", tmp_path, tiny_overrides(tiny_llama, out, steps, **{"checkpoint.every_steps": 0}),
                  ["--ntasks-per-node=2"], LAUNCH_MODE="torchrun")
     wait_until(lambda: (out / "metrics.jsonl").is_file() and len(train_losses(out)) >= 3, 600, "training to start", tmp_path / "x.out")
