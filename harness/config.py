@@ -468,7 +468,20 @@ def load_ds_json(path: str) -> dict:
 
 
 def validate(recipe: Recipe, world_size: int) -> None:
-    """Raise ConfigError on the first problem. Runs on every rank before any model is loaded."""
+    """Raise ConfigError on the first problem. Runs on every rank before any model is loaded; each
+    section below checks one part of the recipe, in the order a user reads it."""
+    _validate_choices(recipe)
+    model_cfg = _validate_model_dir(recipe.model.path)
+    _validate_method(recipe, model_cfg)
+    _validate_deepspeed(recipe)
+    _validate_checkpoint(recipe.checkpoint)
+    _validate_batch_and_log(recipe, world_size)
+    _validate_data(recipe.data)
+    _validate_eval(recipe)
+
+
+def _validate_choices(recipe: Recipe) -> None:
+    """Every key whose value is one of a fixed set, and the kernel names."""
     _choice(recipe.method, METHODS, "method")
     _choice(recipe.train.precision, PRECISIONS, "train.precision")
     _choice(recipe.train.gradient_checkpointing, CHECKPOINTING, "train.gradient_checkpointing")
@@ -485,8 +498,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
     if explicit and "nf4" in kernels and recipe.method != "qlora":
         raise ConfigError(f"kernel nf4 dequantises 4-bit weights: it needs method=qlora (not {recipe.method}); drop nf4 from kernels")
 
-    # Model directory.
-    mp = recipe.model.path
+
+def _validate_model_dir(mp: str) -> dict:
+    """A local Hugging Face model directory the harness can train; returns its config.json."""
     if not mp:
         raise ConfigError("model.path is empty; set it to a local Hugging Face model directory (model.path=/path/to/model)")
     if not Path(mp).is_dir():
@@ -502,9 +516,12 @@ def validate(recipe: Recipe, world_size: int) -> None:
                           "of the model it was trained from into it")
     model_cfg = read_model_config(mp)
     check_model_config(model_cfg, mp)
-    n_layers = model_cfg["num_hidden_layers"]
+    return model_cfg
 
-    # Method combinations.
+
+def _validate_method(recipe: Recipe, model_cfg: dict) -> None:
+    """The method's libraries, layer freezing and the LoRA settings."""
+    n_layers = model_cfg["num_hidden_layers"]
     if recipe.method in ("qlora", "int8") and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"method '{recipe.method}' needs bitsandbytes; pip install 'bitsandbytes>=0.45' or set method=lora")
     if recipe.method in ("lora", "qlora", "int8") and importlib.util.find_spec("peft") is None:
@@ -532,7 +549,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
                 raise ConfigError(f"lora.target_modules: '{name}' is not a layer of a {model_cfg.get('model_type', 'Llama-style')} decoder; "
                                   f"{hint}use some of {', '.join(known)}, or all-linear")
 
-    # DeepSpeed file and stage.
+
+def _validate_deepspeed(recipe: Recipe) -> None:
+    """The DeepSpeed file's keys and stage, and what the method allows with them."""
     ds = load_ds_json(recipe.deepspeed.config)
     from harness.deepspeed_config import check_ds_config, zero_stage  # (that module imports this one)
 
@@ -546,7 +565,8 @@ def validate(recipe: Recipe, world_size: int) -> None:
     if recipe.train.precision == "fp16" and recipe.method == "qlora":
         raise ConfigError("method=qlora computes in bf16 or fp32; set train.precision=bf16 (GPU) or fp32 (CPU)")
 
-    c = recipe.checkpoint
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
     _choice(c.verify, ("sha256", "size"), "checkpoint.verify")
     if c.resume not in ("auto", "none") and not Path(c.resume).is_dir():
         raise ConfigError(f"checkpoint.resume '{c.resume}' is not a directory; use auto, none or a checkpoints/step_N directory")
@@ -558,7 +578,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError(f"checkpoint.exit_margin_minutes={c.exit_margin_minutes:g} leaves no time to train in "
                           f"checkpoint.max_runtime_minutes={c.max_runtime_minutes:g}; use a margin below the run time")
 
-    # Batch arithmetic.
+
+def _validate_batch_and_log(recipe: Recipe, world_size: int) -> None:
+    """Batch arithmetic for this world size, the optimizer's numbers, output_dir and log cadences."""
     t = recipe.train
     for key in ("micro_batch_size", "global_batch_size", "max_steps"):
         if getattr(t, key) != "auto" and getattr(t, key) <= 0:
@@ -585,8 +607,9 @@ def validate(recipe: Recipe, world_size: int) -> None:
     if lg.memory_every_steps < 0:
         raise ConfigError(f"log.memory_every_steps must be >= 0 (0 = off), got {lg.memory_every_steps}")
 
-    # Data.
-    d = recipe.data
+
+def _validate_data(d: DataConfig) -> None:
+    """Sources, validation data, lengths and the mixing settings."""
     if not d.sources:
         raise ConfigError("data.sources is empty; add at least one {path, format} entry")
     for i, src in enumerate(d.sources):
@@ -623,7 +646,6 @@ def validate(recipe: Recipe, world_size: int) -> None:
         raise ConfigError("data.packing and data.padding_free are alternatives; set one of them")
     if d.group_by_length and d.packing:
         raise ConfigError("data.group_by_length does nothing with data.packing (every packed row is seq_len long); remove one")
-    _validate_eval(recipe)
 
 
 def _finite(value: float) -> bool:
