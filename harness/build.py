@@ -34,10 +34,11 @@ class TrainerState:
     step: int = 0  # optimizer steps done
     tokens_seen: float = 0.0  # non-padding input tokens, all ranks
     elapsed_s: float = 0.0  # training wall time before this process (a resume continues the clock)
-    best_val: float = math.inf  # early stopping: the best val_loss so far
+    best_val: float = math.inf  # early stopping: the best val_loss (or minus the best eval.metric score) so far
     evals_without_gain: int = 0
     exact_match_step0: float | None = None  # greedy-answer exact match before training, and at the last eval
     exact_match: float | None = None
+    scores_step0: dict | None = None  # task=classification: {"accuracy", "f1"} before training
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -67,6 +68,7 @@ class Run:
     memory: dict | None = None  # the last live footprint (harness/memory/live.py)
     output_lock: object = None  # rank 0: the open, flock-ed output_dir/.harness.lock (harness/run_lock.py)
     fingerprint: dict | None = None  # checkpoint.recipe_fingerprint, recorded in every checkpoint's manifest
+    last_eval: tuple | None = None  # (step, evaluate()'s dict) of the latest eval
 
     # the data, by the names the loop reads
     tokenizer = property(lambda self: self.data.tokenizer)
@@ -167,7 +169,7 @@ def build_data(recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo,
 
     t = recipe.train
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = data.pad_token_id(tokenizer)
     cache_dir = recipe.data.cache_dir or str(Path(recipe.output_dir) / "data_cache")
     train_set, val_set, stats = data.build_datasets(recipe.data, tokenizer, t.seed, cache_dir=cache_dir, rank=dist.rank,
                                                     world_size=dist.world_size, say=log.message)

@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 METHODS = ("full", "lora", "qlora", "int8")
+TASKS = ("causal_lm", "classification")
+EVAL_METRICS = ("loss", "accuracy", "f1")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 CHECKPOINTING = ("auto", "none", "full", "every_k")
 IntOrAuto = typing.Union[int, typing.Literal["auto"]]  # a whole number, or "auto" (decided by harness/plan.py)
@@ -83,6 +85,9 @@ class DataConfig:
     padding_free: bool = False  # no packing: each micro-batch becomes one unpadded row (position ids restart per sample)
     group_by_length: bool = False  # padded batches: put samples of similar length in the same micro-batch
     cache_dir: str = ""  # tokenised-data cache shared by all ranks; "" = <output_dir>/data_cache
+    # task=classification: the class names, in the order of the head's outputs; each row's `label` is one
+    # of them (or its index). Rows are {text, label} (format text; rename with columns)
+    labels: list = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +122,7 @@ class EvalConfig:
     max_new_tokens: int = 32  # longest greedy answer, in tokens
     generate_batch_size: int = 16  # prompts per generate() call on a rank (left-padded)
     generate_gather: bool = True  # ZeRO-3: gather the whole model on each rank for generation (fast); false: layer by layer per token
+    metric: str = "loss"  # what early stopping watches: loss (lower is better) | accuracy | f1 (macro; task=classification)
 
 
 @dataclass
@@ -150,6 +156,9 @@ class DeepSpeedSection:
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
+    # causal_lm: next-token loss on the targets; classification: transformers' *ForSequenceClassification
+    # head (a linear "score" layer on each sample's last token) over data.labels, always trained and saved
+    task: str = "causal_lm"
     method: str = "lora"  # full | lora | qlora (NF4 4-bit base + LoRA) | int8 (8-bit base + LoRA)
     freeze_layers: int = -1  # full only: train decoder layers >= K (and the head); -1 = off
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -477,6 +486,7 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _validate_checkpoint(recipe.checkpoint)
     _validate_batch_and_log(recipe, world_size)
     _validate_data(recipe.data)
+    _validate_task(recipe)
     _validate_eval(recipe)
 
 
@@ -646,6 +656,44 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError("data.packing and data.padding_free are alternatives; set one of them")
     if d.group_by_length and d.packing:
         raise ConfigError("data.group_by_length does nothing with data.packing (every packed row is seq_len long); remove one")
+
+
+def _validate_task(recipe: Recipe) -> None:
+    """What task=classification needs, and what it cannot be combined with."""
+    _choice(recipe.task, TASKS, "task")
+    _choice(recipe.eval.metric, EVAL_METRICS, "eval.metric")
+    d, labels = recipe.data, recipe.data.labels
+    if recipe.task != "classification":
+        if labels:
+            raise ConfigError("data.labels names the classes of task=classification, but task is causal_lm; set task=classification "
+                              "or remove data.labels")
+        if recipe.eval.metric != "loss":
+            raise ConfigError(f"eval.metric={recipe.eval.metric} scores a classifier's predictions; with task=causal_lm use eval.metric=loss")
+        return
+    if not isinstance(labels, list) or len(labels) < 2:
+        raise ConfigError(f"task=classification needs at least two classes in data.labels (got {labels!r}); list them in the "
+                          "head's output order, e.g. data.labels=[negative, neutral, positive]")
+    if not all(isinstance(x, str) and x.strip() for x in labels):
+        raise ConfigError(f"data.labels must be class names (non-empty text), got {labels!r}")
+    if len(set(labels)) != len(labels):
+        twice = next(x for x in labels if labels.count(x) > 1)
+        raise ConfigError(f"data.labels lists '{twice}' twice; each class once")
+    for i, src in enumerate(d.sources):
+        if src.format != "text":
+            raise ConfigError(f"data.sources.{i}.format is '{src.format}', but task=classification reads rows {{text, label}}; "
+                              f"set data.sources.{i}.format=text (and map other column names with data.sources.{i}.columns)")
+    if d.packing or d.padding_free:
+        raise ConfigError(f"data.{'packing' if d.packing else 'padding_free'} puts several samples in one row, but the classification "
+                          "head scores one token per row (transformers' sequence-classification pooling); set it false")
+    from harness.plan import resolve_kernels  # (that module imports this one)
+
+    kernels, explicit = resolve_kernels(recipe.kernels)
+    if explicit and "linear_cross_entropy" in kernels:
+        raise ConfigError("kernel linear_cross_entropy fuses the LM head with the next-token loss; task=classification has no LM head "
+                          "(its head has len(data.labels) outputs); drop linear_cross_entropy from kernels")
+    if recipe.eval.generate_samples:
+        raise ConfigError("eval.generate_samples scores generated answers; task=classification predicts a label (eval reports "
+                          "accuracy and macro-F1); set eval.generate_samples=0")
 
 
 def _finite(value: float) -> bool:

@@ -82,15 +82,41 @@ def check_adapter(state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError("every lora_B is zero: the adapter was never updated; check lr and trainable parameters")
 
 
+def save_adapter(model: torch.nn.Module, out: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The peft adapter directory of `model` (tensors from `state` when given). With a classification
+    head (trained in place, see model.lora_config) the head is added in peft's own modules_to_save
+    layout: task_type SEQ_CLS, modules_to_save [score], the weight under its model name, so plain
+    `PeftModel.from_pretrained(AutoModelForSequenceClassification...)` restores adapters and head."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    # peft keeps only the adapter's keys of `state`
+    model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    base = model.get_base_model()
+    if not hasattr(base, model_lib.HEAD):
+        return
+    head = state if state is not None else {k: v.detach().cpu() for k, v in model.named_parameters()}
+    head = {k: v.contiguous() for k, v in head.items() if k.startswith(f"base_model.model.{model_lib.HEAD}.")}
+    assert head, "a classification model without its head's weights"
+    weights_file = out / "adapter_model.safetensors"
+    save_file({**load_file(str(weights_file)), **head}, str(weights_file), metadata={"format": "pt"})
+    cfg_file = out / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(task_type="SEQ_CLS", modules_to_save=[model_lib.HEAD])
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def save_final(model: torch.nn.Module, tokenizer, output_dir: str, *, is_lora: bool, is_main: bool, steps_trained: int) -> Path:
     """Write `output_dir/adapter` (peft) or `output_dir/model` (transformers). Returns the directory."""
     out = Path(output_dir) / ("adapter" if is_lora else "model")
     state = gathered_state_dict(model, only_trainable=is_lora, is_main=is_main)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        # The model object provides the config and the file layout; the tensors come from `state`
-        # (peft keeps only the adapter's keys of it).
-        model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        # The model object provides the config and the file layout; the tensors come from `state`.
+        if is_lora:
+            save_adapter(model, out, state)
+        else:
+            model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(str(out))
     distributed.barrier()
     if is_main and is_lora and steps_trained > 0:
@@ -170,11 +196,10 @@ def _training_model(recipe: config.Recipe):
 def _quantised_base(recipe: config.Recipe):
     """The base model quantised as training quantised it (plain from_pretrained), fp32 on CPU, in
     bitsandbytes' standard layout (the logits checks run in eval mode, where it would repack them)."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
-                                                quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
-                                                device_map={"": "cpu"})
+    head_cfg = model_lib.classification_config(recipe) if recipe.task == "classification" else {}
+    base = model_lib.auto_class(recipe.task).from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
+                                                             quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
+                                                             device_map={"": "cpu"}, **head_cfg)
     model_lib.keep_standard_4bit_layout(base)
     return base
 
@@ -255,8 +280,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
     check_out_dir(out, run, recipe.model.path, overwrite)
     source = find_source(run, which)
     log(f"exporting {source.kind} {source.path}{f' (step {source.step})' if source.step is not None else ''} as {fmt} to {out}")
-    from transformers import AutoModelForCausalLM
-
+    auto = model_lib.auto_class(recipe.task)  # AutoModelForCausalLM, or AutoModelForSequenceClassification
     vocab = int(config.read_model_config(recipe.model.path)["vocab_size"])
     ids = probe_ids(vocab)
     report = {"format": fmt, "source": str(source.path), "step": source.step}
@@ -266,12 +290,12 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
             model = _training_model(recipe)
             _put_weights(model, checkpoint_weights(source.path), str(source.path))
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=torch.float32, attn_implementation=ATTN)
+            model = auto.from_pretrained(str(source.path), dtype=torch.float32, attn_implementation=ATTN)
         want = logits(model, ids)
         _save(model, recipe.model.path, out, dtype)
         if dtype == "fp32":
             report["reload_max_diff"] = compare("reloaded model vs consolidated weights", logits(
-                AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
+                auto.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
         return report
 
     state = _adapter_state(source)
@@ -281,8 +305,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
     want = logits(adapted, ids)
 
     if fmt == "adapter":
-        out.mkdir(parents=True, exist_ok=True)
-        adapted.save_pretrained(str(out), safe_serialization=True)
+        save_adapter(adapted, out)
         from peft import PeftModel
 
         reloaded = PeftModel.from_pretrained(_quantised_base(recipe), str(out))
@@ -297,14 +320,16 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=torch.float32)
     lo = recipe.lora
-    wrapped = peft.get_peft_model(base, model_lib.lora_config(lo.r, lo.alpha, 0.0, lo.target_modules))
+    wrapped = peft.get_peft_model(base, model_lib.lora_config(lo.r, lo.alpha, 0.0, lo.target_modules, recipe.task))
+    if recipe.task == "classification":
+        model_lib.make_head_trainable(wrapped)
     _put_weights(wrapped, state, str(source.path))
     merged = wrapped.merge_and_unload()
     report["merged_max_diff"] = compare("merged model vs adapter on the quantised base", logits(merged, ids), want, log)
     _save(merged, recipe.model.path, out, dtype)
     if dtype == "fp32":
         report["reload_max_diff"] = compare("reloaded merged directory", logits(
-            AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
+            auto.from_pretrained(str(out), dtype=torch.float32, attn_implementation=ATTN), ids), want, log)
     (out / "export.json").write_text(json.dumps(report, indent=1))
     return report
 

@@ -74,17 +74,21 @@ def _rebuild_computed_buffers(model, config, device) -> None:
 
 
 def load_streamed(path: str, *, dtype: torch.dtype, attn_implementation: str, device: torch.device, ds_config: dict | None,
-                  quantization_config=None, trust_remote_code: bool = False, progress=None):
-    """The causal LM of `path`, partitioned by ZeRO-3 unit by unit (`ds_config` None: not partitioned,
-    for comparisons on one process). Same modules and weights as `from_pretrained` with the same
-    quantisation config."""
+                  quantization_config=None, trust_remote_code: bool = False, progress=None, task: str = "causal_lm",
+                  config_overrides: dict | None = None, seed: int = 0):
+    """The model of `path` for `task` (a causal LM, or a sequence classifier whose head `score` is new),
+    partitioned by ZeRO-3 unit by unit (`ds_config` None: not partitioned, for comparisons on one
+    process). Same modules and weights as `from_pretrained` with the same quantisation config; the
+    classification head starts from model.initial_head_weight (seeded by `seed`)."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from harness import model as model_lib
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **(config_overrides or {}))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
+        model = model_lib.auto_class(task).from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                       trust_remote_code=trust_remote_code)
     quantizer = None
     if quantization_config is not None:
         from transformers.quantizers import AutoHfQuantizer
@@ -93,6 +97,8 @@ def load_streamed(path: str, *, dtype: torch.dtype, attn_implementation: str, de
         quantizer.preprocess_model(model, device_map={"": device}, dtype=dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     index = checkpoint_index(path)
+    if task == "classification":  # the LM head is replaced by the classification head
+        index = {k: v for k, v in index.items() if not k.startswith("lm_head.")}
     params = dict(model.named_parameters(remove_duplicate=False))
     unknown = sorted(set(index) - set(params))
     if unknown:
@@ -125,7 +131,7 @@ def load_streamed(path: str, *, dtype: torch.dtype, attn_implementation: str, de
                 new = torch.nn.Parameter(tensor.to(device), requires_grad=old.requires_grad)
             module._parameters[pname] = new
             del tensor
-        if tied and any(n.endswith("embed_tokens.weight") for n in names):
+        if tied and model.get_output_embeddings() is not None and any(n.endswith("embed_tokens.weight") for n in names):
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         if ds_config is not None:
             # ZeRO-3 keeps this rank's 1/N of every tensor of the unit and frees the rest now.
@@ -133,6 +139,12 @@ def load_streamed(path: str, *, dtype: torch.dtype, attn_implementation: str, de
         if progress is not None:
             progress(i + 1, len(groups), unit)
 
+    if task == "classification":  # the new head: not in the checkpoint, so the last unit
+        head = model.get_submodule(model_lib.HEAD)
+        std = float(getattr(config, "initializer_range", 0.02))
+        head.weight = torch.nn.Parameter(model_lib.initial_head_weight(tuple(head.weight.shape), std, seed).to(dtype).to(device))
+        if ds_config is not None:
+            deepspeed.zero.Init(module=head, config_dict_or_path=ds_config, mem_efficient_linear=False)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{path}: the checkpoint lacks {missing[:3]}{' ...' if len(missing) > 3 else ''}")

@@ -89,10 +89,76 @@ def assert_standard_4bit_layout(model: torch.nn.Module) -> None:
         assert not getattr(qs, "packing_format_for_cpu", False), f"{name}: bitsandbytes repacked this 4-bit weight in place"
 
 
-def lora_config(r: int, alpha: float, dropout: float, target_modules):
-    """The one peft LoraConfig the harness builds (training, export, the memory trace)."""
+def lora_config(r: int, alpha: float, dropout: float, target_modules, task: str = "causal_lm"):
+    """The one peft LoraConfig the harness builds (training, export, the memory trace).
+
+    task=classification gets no peft task type: peft's SEQ_CLS wrapper deep-copies the head into
+    `modules_to_save`, and a deep copy of a ZeRO-3 partitioned parameter still gathers into the
+    original. The head is trained in place instead (make_head_trainable) and written in peft's
+    modules_to_save layout by the export (export.save_classification_adapter)."""
     peft = _optional.require("peft")
-    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+    if task == "classification" and target_modules == "all-linear":
+        # without a task type peft's "all-linear" would also wrap the head, which is trained whole
+        from harness.config import DECODER_LINEAR_NAMES
+
+        target_modules = list(DECODER_LINEAR_NAMES)
+    return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                           task_type="CAUSAL_LM" if task == "causal_lm" else None, bias="none")
+
+
+HEAD = "score"  # transformers' *ForSequenceClassification head (Llama, Mistral, Qwen2): Linear(hidden, num_labels, bias=False)
+
+
+def auto_class(task: str):
+    """The transformers auto class of a task."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def classification_config(recipe) -> dict:
+    """config.json settings of the classification head: the classes (id2label names them for
+    pipeline("text-classification")) and the pad id, which transformers' pooling uses to find each
+    row's last real token; it must be the id the data pads with (data.pad_token_id)."""
+    from transformers import AutoTokenizer
+
+    from harness.data import pad_token_id
+
+    labels = list(recipe.data.labels)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)},
+            "pad_token_id": pad_token_id(tokenizer)}
+
+
+def initial_head_weight(shape: tuple, std: float, seed: int) -> torch.Tensor:
+    """The head's starting weight, from its own seeded generator (fp32, normal(0, initializer_range) as
+    transformers initialises it): the same on every rank, for any world size and loader, whatever
+    random numbers loading consumed."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    return torch.randn(shape, generator=g) * std
+
+
+def init_head(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite the freshly initialised head with initial_head_weight (under ZeRO-3 gathered, written
+    by rank 0 and re-partitioned: with modifier_rank=None DeepSpeed would discard the write)."""
+    head = getattr(model, HEAD)
+    w = head.weight
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    if hasattr(w, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=0):
+            with torch.no_grad():
+                w.data.copy_(initial_head_weight(tuple(w.ds_shape), std, seed).to(w.dtype))
+        return
+    with torch.no_grad():
+        w.copy_(initial_head_weight(tuple(w.shape), std, seed).to(w.dtype))
+
+
+def make_head_trainable(model: torch.nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for p in getattr(base, HEAD).parameters():
+        p.requires_grad_(True)
 
 
 def load_model(recipe, *, precision: str, attn_implementation: str, device: torch.device, loader: str = "hf",
@@ -106,25 +172,28 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
     deepspeed.initialize); `loader="streamed"` (harness/loading.py) reads and partitions one layer at a
     time, 4-bit included, and must run without one. `build_model` takes care of both.
     `lora_dropout` overrides recipe.lora.dropout (the export's deterministic forward)."""
-    from transformers import AutoModelForCausalLM
-
     path, method, trust = recipe.model.path, recipe.method, recipe.model.trust_remote_code
+    classify = recipe.task == "classification"
     zero3 = ds_config is not None
     dtype = DTYPES[precision]
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust)
+    head_cfg = classification_config(recipe) if classify else {}
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust, **head_cfg)
     qcfg = quantization_config(method, dtype)
     if loader == "streamed":
         from harness import loading
 
         model = loading.load_streamed(path, dtype=dtype, attn_implementation=attn_implementation, device=device,
-                                      ds_config=ds_config, quantization_config=qcfg, trust_remote_code=trust)
+                                      ds_config=ds_config, quantization_config=qcfg, trust_remote_code=trust,
+                                      task=recipe.task, config_overrides=head_cfg, seed=recipe.train.seed)
     else:
         if qcfg is not None:
             kwargs["quantization_config"] = qcfg
             if not zero3:
                 # bitsandbytes quantises while placing weights on the device.
                 kwargs["device_map"] = {"": device}
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_class(recipe.task).from_pretrained(path, **kwargs)
+        if classify:  # from_pretrained initialised the head (it is not in the checkpoint) from the global RNG
+            init_head(model, recipe.train.seed)
     keep_standard_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
 
@@ -138,7 +207,10 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
     # any world size, whatever random numbers model loading consumed.
     torch.manual_seed(recipe.train.seed)
     lo = recipe.lora
-    model = peft.get_peft_model(model, lora_config(lo.r, lo.alpha, lo.dropout if lora_dropout is None else lora_dropout, lo.target_modules))
+    model = peft.get_peft_model(model, lora_config(lo.r, lo.alpha, lo.dropout if lora_dropout is None else lora_dropout, lo.target_modules,
+                                                   recipe.task))
+    if classify:  # a new head learns from scratch: always trained, next to the adapters
+        make_head_trainable(model)
     # peft keeps adapters in fp32 over a 16-bit base; DeepSpeed wants one dtype for trainable weights.
     for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != dtype:
@@ -189,6 +261,8 @@ def freeze_below(model: torch.nn.Module, k: int) -> None:
     if head is not None and not getattr(model.config, "tie_word_embeddings", False):
         for p in head.parameters():
             p.requires_grad_(True)
+    if hasattr(model, HEAD):  # a classification head is new: always trained
+        make_head_trainable(model)
 
 
 def apply_gradient_checkpointing(model: torch.nn.Module, policy: str, every_k: int = 2) -> int:

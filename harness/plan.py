@@ -195,6 +195,8 @@ def resolve_plan(recipe: Recipe, world_size: int, machine: Machine, model_cfg: d
         loader = "streamed" if stage == 3 else "hf"
         why["loader"] = "auto: ZeRO-3 partitions layer by layer as it reads (streamed)" if stage == 3 else "auto: from_pretrained (no ZeRO-3)"
     kernels, explicit = resolve_kernels(recipe.kernels)
+    if recipe.task == "classification":  # no LM head to fuse with a next-token loss (an explicit listing is refused in config)
+        kernels = tuple(k for k in kernels if k != "linear_cross_entropy")
     flat = bool(recipe.data.padding_free or (recipe.data.packing and attn == "flash_attention_2"))
     if recipe.data.packing and not flat:
         why["batch layout"] = f"packed rows with a block-diagonal mask ({attn} has no varlen path)"

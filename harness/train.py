@@ -62,7 +62,7 @@ if __name__ == "__main__":  # before the seconds of torch / deepspeed imports
 import torch
 import torch.nn.functional as F
 
-from harness import checkpoint, config, data, distributed, export, generation, kernels, metrics, preemption
+from harness import checkpoint, classification, config, data, distributed, export, generation, kernels, metrics, preemption
 from harness import model as model_lib
 from harness.memory import live as live_memory
 from harness.config import ConfigError
@@ -120,8 +120,22 @@ def token_loss_sum(engine, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
 
 
+def class_loss_sum(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """task=classification: (sum of cross-entropies over the batch's labelled samples (fp32), logits
+    (B, C), labels (B,), -100 for a sample without one). transformers pools each row's last token that
+    is not the pad id, which is where the data put the label (data.tokenize_labelled)."""
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
+    labels = batch["targets"].amax(dim=1)  # (B,): the one class index of each row (targets are -100 elsewhere)
+    return F.cross_entropy(logits, labels, ignore_index=data.IGNORE_INDEX, reduction="sum"), logits, labels
+
+
+def batch_loss_sum(engine, batch: dict, task: str) -> torch.Tensor:
+    """The sum the step normalises by the window's target count: tokens (causal_lm) or samples (classification)."""
+    return class_loss_sum(engine, batch)[0] if task == "classification" else token_loss_sum(engine, batch)
+
+
 def train_step(engine, window: list[dict], dist: distributed.DistInfo,
-               phases: live_memory.PhasePeaks | None = None) -> tuple[float, float | None, float, float]:
+               phases: live_memory.PhasePeaks | None = None, task: str = "causal_lm") -> tuple[float, float | None, float, float]:
     """One optimizer step over `window` (this rank's grad-accumulation micro-batches). `phases`, when
     given, records the peak memory of the forward, backward and optimizer-step phases.
 
@@ -140,7 +154,7 @@ def train_step(engine, window: list[dict], dist: distributed.DistInfo,
     for i, batch in enumerate(window):
         batch = {k: v.to(dist.device) for k, v in batch.items()}
         with measure("forward"):
-            loss = token_loss_sum(engine, batch)
+            loss = batch_loss_sum(engine, batch, task)
         with measure("backward"):
             engine.backward(loss * scale, scale_wrt_gas=False)
         if i == len(window) - 1 and engine.zero_optimization_stage() == 0:
@@ -158,12 +172,16 @@ def train_step(engine, window: list[dict], dist: distributed.DistInfo,
 
 
 @torch.no_grad()
-def evaluate(engine, val: list, recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo, pad_id: int, stop=None) -> float | None:
-    """Token-weighted validation loss over the whole set, identical on every rank. With `stop` (a
+def evaluate(engine, val: list, recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo, pad_id: int, stop=None) -> dict | None:
+    """{"val_loss"} over the whole set, token-weighted (sample-weighted for classification, which adds
+    "val_accuracy", "val_f1" (macro) and "confusion"), identical on every rank. With `stop` (a
     StopFlag), None when a rank was signalled: every rank checks it before each batch (a long eval would
     otherwise hold a preemption back until it ends)."""
     engine.eval()
-    loss_sum = tokens = 0.0
+    total = tokens = 0.0
+    classify = recipe.task == "classification"
+    n_cls = len(recipe.data.labels)
+    confusion = torch.zeros(n_cls * n_cls, dtype=torch.int64)  # flat (true, predicted) counts of this rank
     flat, per_forward = plan.flat_batches, plan.eval_batch_size
     for idx, weights in data.eval_batches(len(val), per_forward, dist.world_size, dist.rank, recipe.eval.max_samples):
         if stop is not None and stop.should_stop(dist.device):  # sync point: all ranks leave the eval together
@@ -173,15 +191,33 @@ def evaluate(engine, val: list, recipe: config.Recipe, plan: RunPlan, dist: dist
         # weight 0 = a repeat that keeps ranks in step: no loss on it
         batch = data.collate([val[i] if w else data.without_targets(val[i]) for i, w in zip(idx, weights)], pad_id, flatten=flat)
         batch = {k: v.to(dist.device) for k, v in batch.items()}
-        loss_sum += token_loss_sum(engine, batch).item()
+        if classify:
+            loss, logits, labels = class_loss_sum(engine, batch)
+            real = labels != data.IGNORE_INDEX
+            confusion += torch.bincount(labels[real].cpu() * n_cls + logits.argmax(-1)[real].cpu(), minlength=n_cls * n_cls)
+        else:
+            loss = token_loss_sum(engine, batch)
+        total += loss.item()
         tokens += int((batch["targets"] != data.IGNORE_INDEX).sum())
     # ZeRO-3 prefetches parameters along the trace it recorded in training; an eval pass can leave some
     # gathered or in flight. Release them all so training (and a save) starts from a clean state.
     engine.empty_partition_cache()
     model_lib.assert_standard_4bit_layout(engine.module)  # an eval pass must leave every weight as it was
     engine.train()
-    total_loss, total_tokens = distributed.all_reduce_sum([loss_sum, tokens], dist.device)
-    return total_loss / max(total_tokens, 1.0)
+    summed = distributed.all_reduce_sum([total, tokens, *confusion.tolist()], dist.device)  # sync point
+    out = {"val_loss": summed[0] / max(summed[1], 1.0)}
+    if classify:
+        matrix = [[int(summed[2 + i * n_cls + j]) for j in range(n_cls)] for i in range(n_cls)]
+        sc = classification.scores(matrix)
+        out.update(val_accuracy=sc["accuracy"], val_f1=sc["f1"], confusion=matrix)
+    return out
+
+
+def log_eval(run: "Run", step: int, val: dict) -> None:
+    """The eval record (metrics.jsonl) and its line."""
+    run.log.log({"step": step, **val, "val_ppl": math.exp(min(val["val_loss"], 50.0))})  # (confusion: rows true, columns predicted)
+    extra = f", accuracy {100 * val['val_accuracy']:.1f}%, macro-F1 {val['val_f1']:.3f}" if "val_accuracy" in val else ""
+    run.log.message(f"step {step}: val_loss {val['val_loss']:.4f}{extra}")
 
 
 def answer_eval(run: "Run", step: int) -> float:
@@ -227,9 +263,10 @@ def fit(run: Run) -> tuple[int, bool]:
     do_eval = bool(run.val_set) and recipe.eval.every_steps > 0
     start, last_save = time.perf_counter() - state.elapsed_s, time.perf_counter()
     if do_eval and state.step == 0:  # the untrained model's loss, the baseline learning is measured against
-        val_loss = evaluate(engine, run.val_set, recipe, run.plan, dist, run.pad_id)
-        log.log({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-        log.message(f"step 0: val_loss {val_loss:.4f}")
+        val = evaluate(engine, run.val_set, recipe, run.plan, dist, run.pad_id)
+        log_eval(run, 0, val)
+        if "val_accuracy" in val:
+            state.scores_step0 = {"accuracy": val["val_accuracy"], "f1": val["val_f1"]}
         if recipe.eval.generate_samples:
             state.exact_match_step0 = answer_eval(run, 0)
     step = state.step
@@ -244,7 +281,7 @@ def fit(run: Run) -> tuple[int, bool]:
         phases = live_memory.PhasePeaks(dist.device) if measured else None
         t0 = time.perf_counter()
         run.stop.clean = False  # from here until the next checkpoint a signal only sets the flag
-        loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist, phases)
+        loss, grad_norm, local_tokens, global_tokens = train_step(engine, window, dist, phases, recipe.task)
         step_s = time.perf_counter() - t0
         state.tokens_seen += global_tokens
         if measured:  # after a full step: weights, grads and Adam state all exist
@@ -269,21 +306,24 @@ def fit(run: Run) -> tuple[int, bool]:
                 record["mfu"] = run.flops_per_token * global_tokens / step_s / (run.peak_flops * dist.world_size)
             log.log(record)
         log.advance()
-        val_loss = None
+        val = None
         if do_eval and (step % recipe.eval.every_steps == 0 or step == t.max_steps):
-            val_loss = evaluate(engine, run.val_set, recipe, run.plan, dist, run.pad_id, stop=run.stop)  # None: a signal cut it short
-        if val_loss is not None:
-            log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-            log.message(f"step {step}: val_loss {val_loss:.4f}")
+            val = evaluate(engine, run.val_set, recipe, run.plan, dist, run.pad_id, stop=run.stop)  # None: a signal cut it short
+        if val is not None:
+            log_eval(run, step, val)
+            run.last_eval = (step, val)
             if recipe.eval.generate_samples and not run.stop.should_stop(dist.device):  # (collective: all ranks agree)
                 state.exact_match = answer_eval(run, step)
-            # Early stopping: val_loss is all-reduced, so every rank takes the same decision.
-            if val_loss < state.best_val - recipe.eval.early_stopping_min_delta:
-                state.best_val, state.evals_without_gain = val_loss, 0
+            # Early stopping on eval.metric, all-reduced, so every rank takes the same decision; best_val
+            # holds the loss, or minus the accuracy / F1 (lower is better either way).
+            metric = recipe.eval.metric
+            objective = val["val_loss"] if metric == "loss" else -val[f"val_{metric}"]
+            if objective < state.best_val - recipe.eval.early_stopping_min_delta:
+                state.best_val, state.evals_without_gain = objective, 0
             else:
                 state.evals_without_gain += 1
             if recipe.eval.early_stopping_patience and state.evals_without_gain >= recipe.eval.early_stopping_patience:
-                log.message(f"early stopping at step {step}: no val_loss gain in {state.evals_without_gain} evals")
+                log.message(f"early stopping at step {step}: no val_{metric} gain in {state.evals_without_gain} evals")
                 break
         # Checkpoint when due, or when any rank was signalled / is out of time (all ranks agree first).
         stopping = run.stop.should_stop(dist.device)
@@ -365,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     run.log.message(f"saved {out}")
     if run.dist.is_main and run.memory is not None:
         write_memory_report(run, last_step)
+    if run.dist.is_main and recipe.task == "classification" and run.last_eval is not None:
+        write_classification_report(run)
     run.log.close()
     distributed.shutdown()
     return 0
@@ -390,6 +432,19 @@ def write_memory_report(run: Run, step: int) -> None:
     path = Path(run.recipe.output_dir) / "memory_report.md"
     path.write_text(live_memory.report_markdown(run.memory, budget, step))
     run.log.message(f"memory report: {path}")
+
+
+def write_classification_report(run: Run) -> None:
+    """output_dir/classification_report.md: the last eval's confusion matrix and per-class scores,
+    beside the scores before training."""
+    step, val = run.last_eval
+    labels = list(run.recipe.data.labels)
+    text = classification.report_markdown(val["confusion"], labels, step, run.state.scores_step0)
+    path = Path(run.recipe.output_dir) / "classification_report.md"
+    path.write_text(text)
+    for line in text.splitlines()[2:3]:
+        run.log.message(f"held-out {line}")
+    run.log.message(f"classification report (confusion matrix, per-class scores): {path}")
 
 
 def write_exit_code(code: int) -> None:

@@ -72,17 +72,18 @@ def keep_bnb_layout(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def load_base(path, quantized: bool, attn: str = "eager"):
-    """fp32 CausalLM from `path`; `quantized`: NF4 with double quantisation, fp32 compute and storage.
-    Eager attention by default (the harness runs sdpa); generation checks use transformers' default, sdpa."""
+def load_base(path, quantized: bool, attn: str = "eager", auto=None, **config):
+    """fp32 CausalLM (or another `auto` class, with `config` settings) from `path`; `quantized`: NF4 with
+    double quantisation, fp32 compute and storage. Eager attention by default (the harness runs sdpa);
+    generation checks use transformers' default, sdpa."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw = dict(dtype=torch.float32, attn_implementation=attn)
+    kw = dict(dtype=torch.float32, attn_implementation=attn, **config)
     if quantized:
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                        bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
         kw["device_map"] = {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    model = (auto or AutoModelForCausalLM).from_pretrained(str(path), **kw)
     keep_bnb_layout(model)
     model.config.use_cache = False
     return model

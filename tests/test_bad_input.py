@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import REPO, launch
 
 ASSET = REPO / "harness" / "assets" / "tiny_instruct.jsonl"
+SENTIMENT = REPO / "harness" / "assets" / "sentiment_train.jsonl"
 MODEL_LOADING = ("Loading weights", "Loading checkpoint", "from_pretrained", "parameters:", "model: ")
 
 # Runs harness/train.py's main() with bitsandbytes unimportable: sys.modules[name] = None makes
@@ -67,6 +68,9 @@ def cases(root: Path, model: Path) -> dict:
     typo_line = next(i for i, line in enumerate(typo.read_text().splitlines(), 1) if "lerning_rate" in line)
     no_bnb = root / "no_bnb.py"
     no_bnb.write_text(NO_BNB)
+    bad_label = root / "bad_label.jsonl"
+    bad_label.write_text('{"text": "fine", "label": "positive"}\n{"text": "awful", "label": "negativ"}\n')
+    cls = ["task=classification", f"data.sources.0.path={SENTIMENT}", "data.sources.0.format=text", "data.labels=[negative,neutral,positive]"]
     return {
         "unknown-key": (typo, [], None, [f"typo.yaml:{typo_line}:", "'train.lerning_rate'", "did you mean 'train.lr'"]),
         "missing-model": (good, [f"model.path={root / 'no-such-model'}"], None,
@@ -77,7 +81,22 @@ def cases(root: Path, model: Path) -> dict:
                                   ["method 'qlora'", "bitsandbytes", "pip install", "method=lora"]),
         "missing-dataset": (good, [f"data.sources.0.path={root / 'nope.jsonl'}"], None,
                             ["data.sources.0.path", str(root / "nope.jsonl"), "does not exist", "fix the path"]),
+        # task=classification
+        "cls-unknown-label": (good, [*cls, f"data.sources.0.path={bad_label}", f"output_dir={root / 'out_data'}"], None,
+                              [f"{bad_label}:2:", "label 'negativ' is not one of data.labels", "add the class to data.labels"]),
+        "cls-empty-labels": (good, [*cls, "data.labels=[]"], None, ["at least two classes in data.labels", "data.labels=[negative"]),
+        "cls-chat-format": (good, [*cls, "data.sources.0.format=chat"], None,
+                            ["data.sources.0.format is 'chat'", "rows {text, label}", "data.sources.0.format=text"]),
+        "cls-packing": (good, [*cls, "data.packing=true"], None, ["data.packing", "one token per row", "set it false"]),
+        "cls-fused-loss": (good, [*cls, "kernels=[linear_cross_entropy]"], None,
+                           ["linear_cross_entropy", "no LM head", "drop linear_cross_entropy from kernels"]),
+        "labels-without-task": (good, ["data.labels=[negative,positive]"], None, ["task is causal_lm", "set task=classification"]),
+        "f1-without-task": (good, ["eval.metric=f1"], None, ["eval.metric=f1", "use eval.metric=loss"]),
     }
+
+
+# Rows are read after the run has taken its output_dir lock (and before the model): those cases may create output_dir.
+DATA_CASES = {"cls-unknown-label"}
 
 
 @pytest.fixture(scope="module")
@@ -105,24 +124,26 @@ def test_good_recipe_is_valid(bad_runs):
     validate(load_recipe(str(root / "good.yaml"), ["train.micro_batch_size=4"]), 2)
 
 
-def assert_one_line_error(proc, must_contain, output_dir: Path):
+def assert_one_line_error(proc, must_contain, output_dir: Path, data_case: bool = False):
     both = proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, f"expected one 'error:' line on stderr\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     for s in must_contain:
         assert s in errors[0], f"{s!r} not in {errors[0]!r}"
     assert "Traceback" not in both, both[-3000:]
-    for s in MODEL_LOADING:
+    for s in MODEL_LOADING if not data_case else ("Loading weights", "parameters:", "model: "):  # (the plan's lines name from_pretrained)
         assert s not in both, f"model-loading output {s!r} appeared:\n{both[-3000:]}"
-    assert not output_dir.exists(), "the run got as far as setup() (output_dir was created)"
+    assert data_case or not output_dir.exists(), "the run got as far as setup() (output_dir was created)"
 
 
-@pytest.mark.parametrize("case", ["unknown-key", "missing-model", "micro-batch", "qlora-no-bitsandbytes", "missing-dataset"])
+@pytest.mark.parametrize("case", ["unknown-key", "missing-model", "micro-batch", "qlora-no-bitsandbytes", "missing-dataset",
+                                  "cls-unknown-label", "cls-empty-labels", "cls-chat-format", "cls-packing", "cls-fused-loss",
+                                  "labels-without-task", "f1-without-task"])
 def test_bad_input_one_line_error(bad_runs, case):
     root, table, procs = bad_runs
     proc = procs[case]
     assert proc.returncode == 2, f"exit {proc.returncode}\n--- stderr\n{proc.stderr[-3000:]}"
-    assert_one_line_error(proc, table[case][3], root / "out")
+    assert_one_line_error(proc, table[case][3], root / "out", data_case=case in DATA_CASES)
 
 
 @pytest.mark.distributed

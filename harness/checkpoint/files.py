@@ -127,7 +127,7 @@ def verify(ckpt_dir: Path, check_hashes: bool = True) -> str | None:
 
 # Keys that decide which tensors a checkpoint holds and what they mean: a resume that changes one is
 # refused (the model's config.json stands for model.path, so a moved model directory still resumes).
-RESUME_FIXED = ("model.config_sha256", "method", "freeze_layers", "lora.r", "lora.alpha", "lora.target_modules", "kernels")
+RESUME_FIXED = ("model.config_sha256", "task", "data.labels", "method", "freeze_layers", "lora.r", "lora.alpha", "lora.target_modules", "kernels")
 
 
 def recipe_fingerprint(recipe) -> dict:

@@ -31,12 +31,13 @@ from harness.data.render import (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, BUILTI
 from harness.data.samples import PackedRows, Samples, TokenStore, concat_samples, sample_lengths
 from harness.data.sources import load_rows, load_source
 from harness.data.stats import DataStats, SourceStats
-from harness.data.tokens import IGNORE_INDEX, TokenPart, tokenize_columns, tokenize_rows, tokenize_texts
+from harness.data.tokens import (IGNORE_INDEX, TokenPart, label_index, pad_token_id, tokenize_columns, tokenize_labelled, tokenize_rows,
+                                 tokenize_texts)
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "BUILTIN_CHAT_TEMPLATE", "IGNORE_INDEX", "ConfigError", "DataStats",
     "PackedRows", "Samples", "SourceStats", "StepSampler", "TemplateError", "TokenPart", "TokenStore", "build_datasets",
     "cache_key", "chat_template_for", "collate", "concat_samples", "eval_batches", "load_rows", "load_source",
-    "mix", "mix_counts", "model_inputs", "pack", "render_chat", "render_row", "sample_lengths", "split_and_mix",
-    "tokenize_columns", "tokenize_once", "tokenize_rows", "tokenize_texts", "without_targets",
+    "label_index", "mix", "mix_counts", "model_inputs", "pack", "pad_token_id", "render_chat", "render_row", "sample_lengths",
+    "split_and_mix", "tokenize_columns", "tokenize_labelled", "tokenize_once", "tokenize_rows", "tokenize_texts", "without_targets",
 ]

@@ -84,6 +84,7 @@ def cache_key(cfg: DataConfig, tokenizer) -> tuple[str, dict]:
         "overlong": cfg.overlong,
         "train_on_inputs": cfg.train_on_inputs,
         "on_error": cfg.on_error,
+        "labels": list(cfg.labels),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(), doc
 
@@ -94,12 +95,13 @@ def _tokenize_all(cfg: DataConfig, tokenizer, tmp_dir: str | None) -> tuple[list
     parts, errors = [], []
     for spec in source_plan(cfg):
         st = SourceStats(spec.path, spec.format, spec.split)
-        ds, origin = load_source(spec.path, spec.format, spec.columns, cfg.on_error, st, errors, spec.key, tmp_dir)
-        fields = [f for f in REQUIRED[spec.format] + OPTIONAL.get(spec.format, ()) if f in ds.column_names]
+        ds, origin = load_source(spec.path, spec.format, spec.columns, cfg.on_error, st, errors, spec.key, tmp_dir,
+                                 need_label=bool(cfg.labels))
+        fields = [f for f in REQUIRED[spec.format] + OPTIONAL.get(spec.format, ()) + (("label",) if cfg.labels else ()) if f in ds.column_names]
         cols = ds.select_columns(fields).to_dict()
         part = tokenize_columns(cols, len(ds), spec.format, tokenizer, seq_len=cfg.seq_len, train_on_inputs=cfg.train_on_inputs,
                                 on_error=cfg.on_error, overlong=cfg.overlong, chat_template=cfg.chat_template, origin=origin,
-                                st=st, errors=errors, key=spec.key)
+                                st=st, errors=errors, key=spec.key, labels=cfg.labels or None)
         if not len(part.lengths):
             raise ConfigError(
                 f"{spec.path}: no samples left of {st.rows} rows: {st.skipped} skipped as bad, {st.dropped_overlong} dropped as longer "

@@ -111,9 +111,9 @@ def _json_by_line(path: Path, on_error: str, st: SourceStats, errors: list, why:
 
 
 def load_source(path: str, fmt: str, columns: dict, on_error: str, st: SourceStats, errors: list, key: str = "data.sources.N",
-                tmp_dir: str | None = None):
+                tmp_dir: str | None = None, need_label: bool = False):
     """One file (or saved dataset directory) as a `datasets.Dataset` with the column mapping applied and
-    the columns the format needs present. Returns (dataset, origin)."""
+    the columns the format needs present (and `label`, for task=classification). Returns (dataset, origin)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -156,11 +156,12 @@ def load_source(path: str, fmt: str, columns: dict, on_error: str, st: SourceSta
             raise ConfigError(f"{key}.columns maps two names to one column; map each expected name to its own column")
         clash = [want for want in columns if want in ds.column_names and want not in columns.values()]
         ds = ds.remove_columns(clash).rename_columns({have: want for want, have in columns.items() if have != want})
-    need = [c for c in REQUIRED[fmt] if c not in ds.column_names]
+    need = [c for c in REQUIRED[fmt] + (("label",) if need_label else ()) if c not in ds.column_names]
     if need:
         hint = ", ".join(f"{c}: <column>" for c in need)
+        what = f"format '{fmt}'" + (" with task=classification" if need_label else "")
         raise ConfigError(
-            f"{p}: no column {', '.join(repr(c) for c in need)} needed by format '{fmt}' (the file has {', '.join(ds.column_names)}); "
+            f"{p}: no column {', '.join(repr(c) for c in need)} needed by {what} (the file has {', '.join(ds.column_names)}); "
             f"map one with {key}.columns: {{{hint}}} or pick the right {key}.format"
         )
     st.rows += len(ds)

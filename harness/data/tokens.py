@@ -135,9 +135,89 @@ def tokenize_texts(texts: list[str], spans: list, tokenizer, *, add_special_toke
     return part
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with (the tokenizer's pad token, else its EOS). A classification head
+    finds each sample's last token as the last one that is not this id, so the model's config gets it too."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def label_index(value, labels: list) -> tuple[int | None, str | None]:
+    """(class index, problem) of a row's label: one of `labels`, or its index."""
+    if value is None:
+        return None, "no field 'label'"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value < len(labels):
+            return value, None
+        return None, f"label {value} is out of range: data.labels has {len(labels)} classes (indices 0..{len(labels) - 1})"
+    if isinstance(value, str):
+        if value in labels:
+            return labels.index(value), None
+        return None, f"label '{value}' is not one of data.labels ({', '.join(labels)})"
+    return None, f"field 'label' must be a class name or index, got {type(value).__name__}"
+
+
+def tokenize_labelled(cols: dict, n: int, tokenizer, labels: list, *, seq_len: int, overlong: str, on_error: str, origin: RowOrigin,
+                      st: SourceStats, errors: list, key: str = "data.sources.N") -> TokenPart:
+    """Rows {text, label} for task=classification. A sample is the text's tokens (with the tokenizer's
+    usual BOS, no EOS) and targets that are -100 everywhere but the last token, which holds the class
+    index: the position the sequence-classification head pools. So `targets != -100` counts samples,
+    and the loss normalisation of the causal-LM path carries over unchanged. Trailing pad-id tokens are
+    removed: transformers pools the last token that is not the pad id, and it must be the labelled one."""
+    texts, classes = [], []
+    for i in range(n):
+        text, bad = _text_field(cols.get("text", [None] * n)[i])
+        cls, bad2 = label_index(cols.get("label", [None] * n)[i], labels)
+        if bad or bad2:
+            row_problem(f"{origin.at(i)}: {bad or bad2} (task classification)", on_error, st, errors,
+                        "fix the row, add the class to data.labels, map a column with " f"{key}.columns, or set data.on_error=skip")
+            continue
+        texts.append(text)
+        classes.append(cls)
+    pad = pad_token_id(tokenizer)
+    ids_out, tgt_out, len_out = [], [], []
+    for c0 in range(0, len(texts), TOKENIZE_CHUNK):
+        ids, lens, _ = _encode(tokenizer, texts[c0 : c0 + TOKENIZE_CHUNK], None, True, train_on_inputs=True)
+        for sample, cls in zip(np.split(ids, np.cumsum(lens)[:-1]), classes[c0 : c0 + TOKENIZE_CHUNK]):
+            if len(sample) > seq_len:
+                if overlong == "drop":
+                    st.dropped_overlong += 1
+                    continue
+                sample, st.truncated = sample[:seq_len], st.truncated + 1
+            end = len(sample)
+            while end and sample[end - 1] == pad:
+                end -= 1
+            if end == 0:  # an empty text: nothing to classify
+                st.dropped_no_target += 1
+                continue
+            tgt = np.full(end, IGNORE_INDEX, np.int32)
+            tgt[-1] = cls
+            ids_out.append(sample[:end].astype(np.int32))
+            tgt_out.append(tgt)
+            len_out.append(end)
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt)  # noqa: E731
+    part = TokenPart(st, cat(ids_out, np.int32), cat(tgt_out, np.int32), np.asarray(len_out, np.int64))
+    st.samples += len(part.lengths)
+    st.tokens += len(part.ids)
+    st.target_tokens += len(part.lengths)
+    return part
+
+
+def _text_field(value) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, "no field 'text'"
+    if isinstance(value, str):
+        return value, None
+    return None, f"field 'text' must be text, got {type(value).__name__}"
+
+
 def tokenize_columns(cols: dict, n: int, fmt: str, tokenizer, *, seq_len: int, train_on_inputs: bool, on_error: str, overlong: str,
-                     chat_template: str, origin: RowOrigin, st: SourceStats, errors: list, key: str = "data.sources.N") -> TokenPart:
-    """Render and tokenise n rows given as columns ({name: list of values})."""
+                     chat_template: str, origin: RowOrigin, st: SourceStats, errors: list, key: str = "data.sources.N",
+                     labels: list | None = None) -> TokenPart:
+    """Render and tokenise n rows given as columns ({name: list of values}); with `labels`, rows
+    {text, label} for task=classification (tokenize_labelled)."""
+    if labels:
+        return tokenize_labelled(cols, n, tokenizer, labels, seq_len=seq_len, overlong=overlong, on_error=on_error, origin=origin,
+                                 st=st, errors=errors, key=key)
     fields = REQUIRED[fmt] + OPTIONAL.get(fmt, ())
     template, which = chat_template_for(tokenizer, chat_template) if fmt == "chat" else (None, "")
     texts, spans = [], []
@@ -165,7 +245,7 @@ def _part_samples(part: TokenPart) -> list:
 
 
 def tokenize_rows(rows: list[dict], fmt: str, tokenizer, seq_len: int, train_on_inputs: bool, on_error: str, stats: DataStats, origin: str,
-                  overlong: str = "truncate", chat_template: str = "auto"):
+                  overlong: str = "truncate", chat_template: str = "auto", labels: list | None = None):
     """Tokenise a list of row dicts; returns a list of (input_ids, targets) int64 tensors."""
     st = SourceStats(origin, fmt)
     st.rows = len(rows)
@@ -173,7 +253,7 @@ def tokenize_rows(rows: list[dict], fmt: str, tokenizer, seq_len: int, train_on_
     names = {k for r in rows for k in r}
     cols = {k: [r.get(k) for r in rows] for k in names}
     part = tokenize_columns(cols, len(rows), fmt, tokenizer, seq_len=seq_len, train_on_inputs=train_on_inputs, on_error=on_error,
-                            overlong=overlong, chat_template=chat_template, origin=RowOrigin(origin), st=st, errors=errors)
+                            overlong=overlong, chat_template=chat_template, origin=RowOrigin(origin), st=st, errors=errors, labels=labels)
     stats.absorb(st)
     stats.errors += errors
     return _part_samples(part)

@@ -143,9 +143,12 @@ def apply_kernels(model: torch.nn.Module, names) -> dict[str, int]:
     base = _base_model(model)
     model_type = getattr(base.config, "model_type", "?")
     spec = ARCHS.get(model_type)
-    if spec is None or type(base).__name__ != spec.causal_lm:
-        raise ValueError(f"kernels are available for {', '.join(a.causal_lm for a in ARCHS.values())}; "
+    classifier = spec is not None and type(base).__name__ == spec.causal_lm.replace("ForCausalLM", "ForSequenceClassification")
+    if spec is None or (type(base).__name__ != spec.causal_lm and not classifier):
+        raise ValueError(f"kernels are available for {', '.join(a.causal_lm for a in ARCHS.values())} (and their sequence classifiers); "
                          f"this model is {type(base).__name__} (model_type {model_type}); set kernels: []")
+    if classifier and not explicit:  # no LM head to fuse with the loss (config.validate refuses it by name)
+        names = tuple(n for n in names if n != "linear_cross_entropy")
     if "swiglu" in names and base.config.hidden_act not in ("silu", "swish"):
         raise ValueError(f"kernel swiglu needs hidden_act silu, the model uses {base.config.hidden_act}; drop swiglu from kernels")
     counts = dict.fromkeys(names, 0)

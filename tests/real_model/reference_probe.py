@@ -67,8 +67,8 @@ def step_with_grads(run, step: int) -> dict[str, torch.Tensor]:
 
 def val_losses(run) -> dict[str, float]:
     flat = dataclasses.replace(run.plan, flat_batches=True)  # the padding-free layout: one unpadded row per forward
-    return {"padded": train.evaluate(run.engine, run.val_set, run.recipe, run.plan, run.dist, run.pad_id),
-            "packed": train.evaluate(run.engine, run.val_set, run.recipe, flat, run.dist, run.pad_id)}
+    return {"padded": train.evaluate(run.engine, run.val_set, run.recipe, run.plan, run.dist, run.pad_id)["val_loss"],
+            "packed": train.evaluate(run.engine, run.val_set, run.recipe, flat, run.dist, run.pad_id)["val_loss"]}
 
 
 def main() -> int:
