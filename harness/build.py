@@ -35,6 +35,7 @@ class TrainerState:
     tokens_seen: float = 0.0  # non-padding input tokens, all ranks
     elapsed_s: float = 0.0  # training wall time before this process (a resume continues the clock)
     best_val: float = math.inf  # early stopping: the best val_loss (or minus the best eval.metric score) so far
+    best_metric: str = "loss"  # the eval.metric best_val holds (a resume that changes it starts counting afresh)
     evals_without_gain: int = 0
     exact_match_step0: float | None = None  # greedy-answer exact match before training, and at the last eval
     exact_match: float | None = None
@@ -169,6 +170,8 @@ def build_data(recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo,
 
     t = recipe.train
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.task == "classification" and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # saved with the adapter: batched pipeline("text-classification") needs one
     pad_id = data.pad_token_id(tokenizer)
     cache_dir = recipe.data.cache_dir or str(Path(recipe.output_dir) / "data_cache")
     train_set, val_set, stats = data.build_datasets(recipe.data, tokenizer, t.seed, cache_dir=cache_dir, rank=dist.rank,
@@ -252,7 +255,9 @@ def setup(recipe: config.Recipe, plan: RunPlan, model_cfg: dict) -> Run:
     engine, scheduler, state = build_engine(model, recipe, plan, dist, resume, log)
 
     # FLOPs per token for MFU (see harness/metrics.py); embeddings are lookups, not matmuls.
-    embed_numel = 0 if model_cfg.get("tie_word_embeddings") else int(model_cfg["vocab_size"]) * int(model_cfg["hidden_size"])
+    # (a classifier has no LM head: its embedding matrix is only a lookup, tied or not)
+    untied_or_no_head = recipe.task == "classification" or not model_cfg.get("tie_word_embeddings")
+    embed_numel = int(model_cfg["vocab_size"]) * int(model_cfg["hidden_size"]) if untied_or_no_head else 0
     n_layers = int(model_cfg["num_hidden_layers"])
     flops_per_token = metrics.train_flops_per_token(
         matmul_params=counts.total - embed_numel,

@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 # The recipe tree. Each field's comment is its documentation (see README "Recipes").
 # --------------------------------------------------------------------------------------------------
 
-METHODS = ("full", "lora", "qlora", "int8")
+METHODS = ("full", "lora", "qlora", "int8", "prompt_tuning")
 TASKS = ("causal_lm", "classification")
 EVAL_METRICS = ("loss", "accuracy", "f1")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -56,6 +56,14 @@ class LoraConfig:
     alpha: int = 32  # scaling numerator: the update is (alpha / r) * B @ A
     dropout: float = 0.05
     target_modules: Any = "all-linear"  # "all-linear" or a list of module names (q_proj, v_proj, ...)
+
+
+@dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 20  # learned embeddings put before every sample (the only trained weights)
+    init: str = "random"  # random | text: start from the embeddings of init_text's tokens (cut or repeated to fit)
+    init_text: str = ""  # init=text: e.g. "Answer the question with one word."
+    base_4bit: bool = False  # the frozen base in NF4 4-bit (as method=qlora quantises it); false: the compute dtype
 
 
 @dataclass
@@ -159,9 +167,10 @@ class Recipe:
     # causal_lm: next-token loss on the targets; classification: transformers' *ForSequenceClassification
     # head (a linear "score" layer on each sample's last token) over data.labels, always trained and saved
     task: str = "causal_lm"
-    method: str = "lora"  # full | lora | qlora (NF4 4-bit base + LoRA) | int8 (8-bit base + LoRA)
+    method: str = "lora"  # full | lora | qlora (NF4 4-bit base + LoRA) | int8 (8-bit base + LoRA) | prompt_tuning (soft prompt)
     freeze_layers: int = -1  # full only: train decoder layers >= K (and the head); -1 = off
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)  # method=prompt_tuning (peft PromptTuningConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -487,6 +496,7 @@ def validate(recipe: Recipe, world_size: int) -> None:
     _validate_batch_and_log(recipe, world_size)
     _validate_data(recipe.data)
     _validate_task(recipe)
+    _validate_prompt_tuning(recipe)
     _validate_eval(recipe)
 
 
@@ -505,7 +515,7 @@ def _validate_choices(recipe: Recipe) -> None:
     from harness.plan import resolve_kernels  # (that module imports this one)
 
     kernels, explicit = resolve_kernels(recipe.kernels)
-    if explicit and "nf4" in kernels and recipe.method != "qlora":
+    if explicit and "nf4" in kernels and quantisation(recipe) != "qlora":
         raise ConfigError(f"kernel nf4 dequantises 4-bit weights: it needs method=qlora (not {recipe.method}); drop nf4 from kernels")
 
 
@@ -532,9 +542,9 @@ def _validate_model_dir(mp: str) -> dict:
 def _validate_method(recipe: Recipe, model_cfg: dict) -> None:
     """The method's libraries, layer freezing and the LoRA settings."""
     n_layers = model_cfg["num_hidden_layers"]
-    if recipe.method in ("qlora", "int8") and importlib.util.find_spec("bitsandbytes") is None:
+    if quantisation(recipe) is not None and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"method '{recipe.method}' needs bitsandbytes; pip install 'bitsandbytes>=0.45' or set method=lora")
-    if recipe.method in ("lora", "qlora", "int8") and importlib.util.find_spec("peft") is None:
+    if recipe.method != "full" and importlib.util.find_spec("peft") is None:
         raise ConfigError(f"method '{recipe.method}' needs peft; pip install 'peft>=0.13' or set method=full")
     if recipe.freeze_layers >= 0:
         if recipe.method != "full":
@@ -572,7 +582,7 @@ def _validate_deepspeed(recipe: Recipe) -> None:
             "method=int8 with ZeRO-3 is refused: an 8-bit base under ZeRO-3 trains on a wrong loss "
             "(bitsandbytes#1451); use deepspeed.config=ds_configs/zero2.json or method=qlora"
         )
-    if recipe.train.precision == "fp16" and recipe.method == "qlora":
+    if recipe.train.precision == "fp16" and quantisation(recipe) == "qlora":
         raise ConfigError("method=qlora computes in bf16 or fp32; set train.precision=bf16 (GPU) or fp32 (CPU)")
 
 
@@ -694,6 +704,39 @@ def _validate_task(recipe: Recipe) -> None:
     if recipe.eval.generate_samples:
         raise ConfigError("eval.generate_samples scores generated answers; task=classification predicts a label (eval reports "
                           "accuracy and macro-F1); set eval.generate_samples=0")
+
+
+def quantisation(recipe: Recipe) -> str | None:
+    """How the frozen base is quantised: "qlora" (NF4 4-bit), "int8", or None (the compute dtype)."""
+    if recipe.method in ("qlora", "int8"):
+        return recipe.method
+    if recipe.method == "prompt_tuning" and recipe.prompt_tuning.base_4bit:
+        return "qlora"
+    return None
+
+
+def _validate_prompt_tuning(recipe: Recipe) -> None:
+    pt, d = recipe.prompt_tuning, recipe.data
+    if recipe.method != "prompt_tuning":
+        return
+    if pt.num_virtual_tokens < 1:
+        raise ConfigError(f"prompt_tuning.num_virtual_tokens must be >= 1 (learned tokens before each sample), got {pt.num_virtual_tokens}")
+    _choice(pt.init, ("random", "text"), "prompt_tuning.init")
+    if pt.init == "text" and not pt.init_text.strip():
+        raise ConfigError("prompt_tuning.init=text starts the prompt from prompt_tuning.init_text, which is empty; set it "
+                          "(e.g. prompt_tuning.init_text='Answer the question.') or use prompt_tuning.init=random")
+    if d.packing or d.padding_free:
+        raise ConfigError(f"data.{'packing' if d.packing else 'padding_free'} puts several samples in one row, but method=prompt_tuning "
+                          "puts its virtual tokens once before each row (later samples would not see them); set it false")
+    from harness.plan import resolve_kernels  # (that module imports this one)
+
+    kernels, explicit = resolve_kernels(recipe.kernels)
+    if explicit and "linear_cross_entropy" in kernels:
+        raise ConfigError("kernel linear_cross_entropy takes its targets position by position, and method=prompt_tuning adds "
+                          f"{pt.num_virtual_tokens} virtual positions before them; drop linear_cross_entropy from kernels")
+    if recipe.task == "classification":
+        raise ConfigError("method=prompt_tuning with task=classification is not supported yet (the head would pool a padded "
+                          "position); use method=lora or qlora for a classifier")
 
 
 def _finite(value: float) -> bool:

@@ -72,6 +72,12 @@ def gathered_state_dict(model: torch.nn.Module, *, only_trainable: bool, is_main
 def check_adapter(state: dict[str, torch.Tensor]) -> None:
     """An adapter with no tensors, an empty tensor, or lora_B all zero after training is a bug
     (the ZeRO-3 '40-byte adapter'); fail loudly instead of shipping it."""
+    prompt = {k: v for k, v in state.items() if k.startswith("prompt_encoder.") or k == "prompt_embeddings"}
+    if prompt:  # method=prompt_tuning: the soft prompt, whole and finite
+        bad = [k for k, v in prompt.items() if v.numel() == 0 or not bool(torch.isfinite(v).all())]
+        if bad:
+            raise RuntimeError(f"the soft prompt is empty or not finite after gathering: {bad}")
+        return
     lora = {k: v for k, v in state.items() if "lora_" in k}
     if not lora:
         raise RuntimeError("the gathered adapter has no lora_ tensors; nothing would be saved")
@@ -90,6 +96,14 @@ def save_adapter(model: torch.nn.Module, out: Path, state: dict[str, torch.Tenso
     from safetensors.torch import load_file, save_file
 
     out.mkdir(parents=True, exist_ok=True)
+    if model_lib.virtual_tokens(model):
+        # peft would save the prompt by running its encoder, whose weight ZeRO-3 has partitioned: write its
+        # layout directly (the config, and the (P, hidden) prompt as "prompt_embeddings")
+        live = state if state is not None else {k: v.detach().cpu() for k, v in model.named_parameters()}
+        prompt = next(v for k, v in live.items() if k.startswith("prompt_encoder.") and k.endswith(".embedding.weight"))
+        model.peft_config["default"].save_pretrained(str(out))
+        save_file({"prompt_embeddings": prompt.contiguous()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return
     # peft keeps only the adapter's keys of `state`
     model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
     base = model.get_base_model()
@@ -198,7 +212,8 @@ def _quantised_base(recipe: config.Recipe):
     bitsandbytes' standard layout (the logits checks run in eval mode, where it would repack them)."""
     head_cfg = model_lib.classification_config(recipe) if recipe.task == "classification" else {}
     base = model_lib.auto_class(recipe.task).from_pretrained(recipe.model.path, dtype=torch.float32, attn_implementation=ATTN,
-                                                             quantization_config=model_lib.quantization_config(recipe.method, torch.float32),
+                                                             quantization_config=model_lib.quantization_config(
+                                                                 config.quantisation(recipe) or recipe.method, torch.float32),
                                                              device_map={"": "cpu"}, **head_cfg)
     model_lib.keep_standard_4bit_layout(base)
     return base
@@ -228,9 +243,14 @@ def _adapter_state(source: Source) -> dict[str, torch.Tensor]:
         raise ValueError(f"{source.path} is a full model, not a LoRA adapter; use --format hf")
     from peft.utils import load_peft_weights
 
-    # peft stores names without the adapter name ("lora_A.weight"); the live model has "lora_A.default.weight".
-    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v.float()
-            for k, v in load_peft_weights(str(source.path), device="cpu").items()}
+    # peft stores names without the adapter name ("lora_A.weight"); the live model has "lora_A.default.weight";
+    # a soft prompt is stored as "prompt_embeddings".
+    def live_name(k: str) -> str:
+        if k == "prompt_embeddings":
+            return "prompt_encoder.default.embedding.weight"
+        return k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+
+    return {live_name(k): v.float() for k, v in load_peft_weights(str(source.path), device="cpu").items()}
 
 
 def _save(model, tokenizer_path: str, out: Path, dtype: str) -> None:
@@ -238,7 +258,10 @@ def _save(model, tokenizer_path: str, out: Path, dtype: str) -> None:
     model.to(DTYPES[dtype]).save_pretrained(str(out), safe_serialization=True)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(str(out))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    if tokenizer.pad_token is None and getattr(model.config, "num_labels", 0) and hasattr(model, model_lib.HEAD):
+        tokenizer.pad_token = tokenizer.eos_token  # what training padded with (data.pad_token_id): batched pipelines need one
+    tokenizer.save_pretrained(str(out))
 
 
 def check_out_dir(out: Path, run: Path, model_path: str, overwrite: bool) -> None:
@@ -270,6 +293,9 @@ def export(run_dir: str | Path, fmt: str, out: str | Path, which: str = "latest"
         raise ValueError(f"{run} is not a harness run directory (no recipe.yaml)")
     recipe = config.load_recipe(str(recipe_file))
     is_lora = recipe.method != "full"
+    if recipe.method == "prompt_tuning" and fmt != "adapter":
+        raise ValueError(f"format {fmt!r} does not apply to a method=prompt_tuning run: a soft prompt is an input, not weights to "
+                         "merge; use --format adapter")
     if is_lora == (fmt == "hf"):
         raise ValueError(f"format {fmt!r} does not apply to a method={recipe.method} run; "
                          f"use {'adapter or merged' if is_lora else 'hf'}")

@@ -139,7 +139,7 @@ def load_streamed(path: str, *, dtype: torch.dtype, attn_implementation: str, de
         if progress is not None:
             progress(i + 1, len(groups), unit)
 
-    if task == "classification":  # the new head: not in the checkpoint, so the last unit
+    if task == "classification" and model.get_submodule(model_lib.HEAD).weight.is_meta:  # a new head: the last unit
         head = model.get_submodule(model_lib.HEAD)
         std = float(getattr(config, "initializer_range", 0.02))
         head.weight = torch.nn.Parameter(model_lib.initial_head_weight(tuple(head.weight.shape), std, seed).to(dtype).to(device))

@@ -155,6 +155,13 @@ def init_head(model: torch.nn.Module, seed: int) -> None:
         w.copy_(initial_head_weight(tuple(w.shape), std, seed).to(w.dtype))
 
 
+def has_trained_head(path: str) -> bool:
+    """Whether the checkpoint at `path` is already a classifier (its `score` weights are kept)."""
+    from harness.loading import checkpoint_index
+
+    return any(k.startswith(f"{HEAD}.") for k in checkpoint_index(path))
+
+
 def make_head_trainable(model: torch.nn.Module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for p in getattr(base, HEAD).parameters():
@@ -178,7 +185,9 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
     dtype = DTYPES[precision]
     head_cfg = classification_config(recipe) if classify else {}
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust, **head_cfg)
-    qcfg = quantization_config(method, dtype)
+    from harness.config import quantisation
+
+    qcfg = quantization_config(quantisation(recipe) or method, dtype)
     if loader == "streamed":
         from harness import loading
 
@@ -192,7 +201,7 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
                 # bitsandbytes quantises while placing weights on the device.
                 kwargs["device_map"] = {"": device}
         model = auto_class(recipe.task).from_pretrained(path, **kwargs)
-        if classify:  # from_pretrained initialised the head (it is not in the checkpoint) from the global RNG
+        if classify and not has_trained_head(path):  # from_pretrained initialised the new head from the global RNG
             init_head(model, recipe.train.seed)
     keep_standard_4bit_layout(model)
     model.config.use_cache = False  # the KV cache is for generation; training never reads it
@@ -206,6 +215,8 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
     # Seed right before the adapters are created so their init is identical on every rank and for
     # any world size, whatever random numbers model loading consumed.
     torch.manual_seed(recipe.train.seed)
+    if method == "prompt_tuning":
+        return with_soft_prompt(model, recipe)
     lo = recipe.lora
     model = peft.get_peft_model(model, lora_config(lo.r, lo.alpha, lo.dropout if lora_dropout is None else lora_dropout, lo.target_modules,
                                                    recipe.task))
@@ -216,6 +227,51 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
         if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
     return model
+
+
+def prompt_tuning_config(recipe):
+    """peft's PromptTuningConfig of recipe.prompt_tuning (causal LM)."""
+    peft = _optional.require("peft")
+    pt = recipe.prompt_tuning
+    text = pt.init == "text"
+    return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens,
+                                   prompt_tuning_init=peft.PromptTuningInit.TEXT if text else peft.PromptTuningInit.RANDOM,
+                                   prompt_tuning_init_text=pt.init_text if text else None,
+                                   tokenizer_name_or_path=recipe.model.path if text else None)
+
+
+def with_soft_prompt(model: torch.nn.Module, recipe):
+    """The frozen base with a trainable soft prompt of recipe.prompt_tuning.num_virtual_tokens embeddings
+    (peft prompt tuning: the prompt's (P, hidden) embeddings are put before every sample's token
+    embeddings, and the attention mask grows by P). init=text copies the embeddings of init_text's
+    tokens (tokenised as peft does, with the tokenizer's special tokens): under ZeRO-3 the embedding
+    matrix is partitioned, so it is gathered for that read."""
+    import contextlib
+
+    peft = _optional.require("peft")
+    emb = model.get_input_embeddings().weight
+    gathered = contextlib.nullcontext()
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # (peft gathers it itself while transformers knows about ZeRO-3: the hf loader; the streamed one builds first)
+    if hasattr(emb, "ds_id") and recipe.prompt_tuning.init == "text" and not is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([emb], modifier_rank=None)  # read only
+    with gathered:
+        model = peft.get_peft_model(model, prompt_tuning_config(recipe))
+    dtype = model.get_input_embeddings().weight.dtype
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
+def virtual_tokens(model: torch.nn.Module) -> int:
+    """Positions a soft prompt puts before each sample (0 without one): logits then have T + P positions."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine's model
+    cfg = getattr(model, "active_peft_config", None)
+    return int(cfg.num_virtual_tokens) if cfg is not None and cfg.is_prompt_learning else 0
 
 
 def build_model(recipe, plan, device: torch.device):

@@ -195,7 +195,7 @@ def resolve_plan(recipe: Recipe, world_size: int, machine: Machine, model_cfg: d
         loader = "streamed" if stage == 3 else "hf"
         why["loader"] = "auto: ZeRO-3 partitions layer by layer as it reads (streamed)" if stage == 3 else "auto: from_pretrained (no ZeRO-3)"
     kernels, explicit = resolve_kernels(recipe.kernels)
-    if recipe.task == "classification":  # no LM head to fuse with a next-token loss (an explicit listing is refused in config)
+    if recipe.task == "classification" or recipe.method == "prompt_tuning":  # no per-position fused loss (listing it is refused in config)
         kernels = tuple(k for k in kernels if k != "linear_cross_entropy")
     flat = bool(recipe.data.padding_free or (recipe.data.packing and attn == "flash_attention_2"))
     if recipe.data.packing and not flat:

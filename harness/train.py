@@ -117,6 +117,9 @@ def token_loss_sum(engine, batch: dict) -> torch.Tensor:
     if kernels.fused_loss_enabled(engine.module):  # computed chunk by chunk inside the model: no (B, T, V) logits
         return engine(**data.model_inputs(batch), token_targets=batch["targets"]).loss
     logits = engine(**data.model_inputs(batch)).logits  # (B, T, V); packed batches pass position_ids instead of a mask
+    # A soft prompt (method=prompt_tuning) puts P virtual positions first: (B, P + T, V), of which the last T
+    # line up with the targets. (P is 0 otherwise.)
+    logits = logits[:, model_lib.virtual_tokens(engine):]
     return F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=data.IGNORE_INDEX, reduction="sum")
 
 
@@ -317,6 +320,8 @@ def fit(run: Run) -> tuple[int, bool]:
             # Early stopping on eval.metric, all-reduced, so every rank takes the same decision; best_val
             # holds the loss, or minus the accuracy / F1 (lower is better either way).
             metric = recipe.eval.metric
+            if state.best_metric != metric:  # resumed with another eval.metric: its scores do not compare
+                state.best_val, state.evals_without_gain, state.best_metric = math.inf, 0, metric
             objective = val["val_loss"] if metric == "loss" else -val[f"val_{metric}"]
             if objective < state.best_val - recipe.eval.early_stopping_min_delta:
                 state.best_val, state.evals_without_gain = objective, 0

@@ -54,6 +54,8 @@ def launch(args: list[str], nproc: int = 1, timeout_s: int = 600, check: bool = 
     """Run `script` with `args` under the deepspeed launcher (nproc ranks) or as one plain process."""
     if nproc == 1:
         cmd = [sys.executable, script, *args]
+        if env is None and script == TRAIN and "PYTEST_XDIST_WORKER" not in os.environ:  # one training process alone on 2 cores: both
+            env = child_env(OMP_NUM_THREADS="2")
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
     proc = run_bounded(cmd, env or child_env(), timeout_s)

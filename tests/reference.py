@@ -106,6 +106,29 @@ def with_lora(model, lora: Lora, init: dict[str, torch.Tensor] | None = None):
     return model
 
 
+class SoftPrompt(torch.nn.Module):
+    """Prompt tuning written out in plain torch: P trainable embeddings put before the token embeddings of
+    a frozen causal LM; `logits` are those of the T real positions. The prompt's parameter has peft's
+    name (prompt_encoder.default.embedding.weight), so gradients compare by name."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        super().__init__()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base = model
+        embedding = torch.nn.Embedding(*prompt.shape)
+        with torch.no_grad():
+            embedding.weight.copy_(prompt)
+        self.prompt_encoder = torch.nn.ModuleDict({"default": torch.nn.ModuleDict({"embedding": embedding})})
+
+    def forward(self, input_ids):
+        prompt = self.prompt_encoder["default"]["embedding"].weight
+        tokens = self.base.get_input_embeddings()(input_ids)  # (B, T, H)
+        embeds = torch.cat([prompt[None].expand(len(input_ids), -1, -1).to(tokens.dtype), tokens], dim=1)  # (B, P + T, H)
+        logits = self.base(inputs_embeds=embeds).logits[:, len(prompt):]
+        return type("Output", (), {"logits": logits})()
+
+
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -92,6 +92,12 @@ def cases(root: Path, model: Path) -> dict:
                            ["linear_cross_entropy", "no LM head", "drop linear_cross_entropy from kernels"]),
         "labels-without-task": (good, ["data.labels=[negative,positive]"], None, ["task is causal_lm", "set task=classification"]),
         "f1-without-task": (good, ["eval.metric=f1"], None, ["eval.metric=f1", "use eval.metric=loss"]),
+        # method=prompt_tuning
+        "pt-fused-loss": (good, ["method=prompt_tuning", "kernels=[linear_cross_entropy]"], None,
+                          ["linear_cross_entropy", "20 virtual positions", "drop linear_cross_entropy from kernels"]),
+        "pt-packing": (good, ["method=prompt_tuning", "data.packing=true"], None, ["data.packing", "method=prompt_tuning", "set it false"]),
+        "pt-empty-init-text": (good, ["method=prompt_tuning", "prompt_tuning.init=text"], None,
+                               ["prompt_tuning.init_text", "is empty", "prompt_tuning.init=random"]),
     }
 
 
@@ -138,7 +144,7 @@ def assert_one_line_error(proc, must_contain, output_dir: Path, data_case: bool 
 
 @pytest.mark.parametrize("case", ["unknown-key", "missing-model", "micro-batch", "qlora-no-bitsandbytes", "missing-dataset",
                                   "cls-unknown-label", "cls-empty-labels", "cls-chat-format", "cls-packing", "cls-fused-loss",
-                                  "labels-without-task", "f1-without-task"])
+                                  "labels-without-task", "f1-without-task", "pt-fused-loss", "pt-packing", "pt-empty-init-text"])
 def test_bad_input_one_line_error(bad_runs, case):
     root, table, procs = bad_runs
     proc = procs[case]

@@ -34,6 +34,25 @@ def test_scores_match_a_count_over_samples():
     assert "| negative | " + " | ".join(map(str, confusion[0])) + " |" in report and "30.0% ->" in report
 
 
+@pytest.mark.parametrize(("value", "labels", "want"), [
+    ("positive", LABELS, 2),
+    (1, LABELS, 1),  # an index
+    (1.0, LABELS, 1),  # a float from a column that also holds nulls
+    (1, ["1", "2", "3"], 0),  # a number that is a class name is the name (star ratings), not an index
+    (3, ["1", "2", "3"], 2),
+    (5, LABELS, "neither a class name nor an index"),
+    ("Positive", LABELS, "is not one of data.labels"),
+    (True, LABELS, "must be a class name or index"),
+    (None, LABELS, "no field 'label'"),
+])
+def test_label_index(value, labels, want):
+    got, problem = data.label_index(value, labels)
+    if isinstance(want, int):
+        assert (got, problem) == (want, None)
+    else:
+        assert got is None and want in problem
+
+
 def test_labelled_samples_put_the_class_on_the_last_real_token(tiny_llama):
     from transformers import AutoTokenizer
 
@@ -49,6 +68,6 @@ def test_labelled_samples_put_the_class_on_the_last_real_token(tiny_llama):
         assert targets[-1] == want and (targets[:-1] == data.IGNORE_INDEX).all()  # one target per sample
         assert ids[-1] != pad  # transformers pools the last non-pad token: it must be the labelled one
     assert samples[0][0].tolist() == tok("the film is great").input_ids  # the tokenizer's own special tokens, no EOS
-    with pytest.raises(config.ConfigError, match=r"rows.jsonl: row 2: label 5 is out of range"):
+    with pytest.raises(config.ConfigError, match=r"rows.jsonl: row 2: label 5 is neither a class name nor an index"):
         data.tokenize_rows([rows[0], {"text": "a", "label": 5}], "text", tok, 16, False, "raise", DataStats(), "rows.jsonl", labels=LABELS)
 

@@ -453,6 +453,8 @@ def test_a_loaded_state_outside_its_bounds_is_refused(value, where, problem):
     ("train.lr=1e-3", None),  # allowed, and reported
     ("train.max_steps=99", None),
     ("eval.every_steps=7", None),
+    ("method=prompt_tuning", "method: 'lora' -> 'prompt_tuning'"),
+    ("task=classification", "task: 'causal_lm' -> 'classification'"),
 ])
 def test_a_resume_may_not_change_what_the_checkpoint_holds(tmp_path, tiny_llama, override, refused):
     base = config.load_recipe(str(recipe_file(tmp_path, Path(tiny_llama))), ["lora.r=8"])
@@ -467,6 +469,9 @@ def test_a_resume_may_not_change_what_the_checkpoint_holds(tmp_path, tiny_llama,
     elsewhere = config.load_recipe(str(recipe_file(tmp_path, moved)), ["lora.r=8"])
     no, yes = checkpoint.resume_changes(checkpoint.recipe_fingerprint(base), checkpoint.recipe_fingerprint(elsewhere))
     assert not no and yes == [f"model.path: '{tiny_llama}' -> '{moved}'"]
+    # a checkpoint written before a key existed (its fingerprint lacks it) had that key's default
+    older = {k: v for k, v in checkpoint.recipe_fingerprint(base).items() if not k.startswith(("task", "data.labels", "prompt_tuning."))}
+    assert checkpoint.resume_changes(older, checkpoint.recipe_fingerprint(base)) == ([], [])
 
 
 def test_the_grading_tool_runs_every_row(tmp_path):

@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer, TrainingArguments
 
     recipe = harness_config.load_recipe(args.recipe, args.overrides)
+    if recipe.task != "causal_lm" or recipe.method == "prompt_tuning":
+        raise SystemExit("error: the HF Trainer baseline trains causal-LM LoRA/QLoRA/full runs; this recipe sets "
+                         f"task={recipe.task} method={recipe.method}")
     t = recipe.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

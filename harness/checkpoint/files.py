@@ -127,7 +127,8 @@ def verify(ckpt_dir: Path, check_hashes: bool = True) -> str | None:
 
 # Keys that decide which tensors a checkpoint holds and what they mean: a resume that changes one is
 # refused (the model's config.json stands for model.path, so a moved model directory still resumes).
-RESUME_FIXED = ("model.config_sha256", "task", "data.labels", "method", "freeze_layers", "lora.r", "lora.alpha", "lora.target_modules", "kernels")
+RESUME_FIXED = ("model.config_sha256", "task", "data.labels", "method", "prompt_tuning.num_virtual_tokens", "prompt_tuning.base_4bit",
+                "freeze_layers", "lora.r", "lora.alpha", "lora.target_modules", "kernels")
 
 
 def recipe_fingerprint(recipe) -> dict:
@@ -155,9 +156,13 @@ def recipe_fingerprint(recipe) -> dict:
 
 def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:
     """(refused, allowed): each `key: old -> new` between a checkpoint's fingerprint and this run's."""
+    from harness import config
+
+    # A key the checkpoint's fingerprint lacks (added to the recipe after it was written) had its default then.
+    defaults = recipe_fingerprint(config.Recipe())
     refused, allowed = [], []
     for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key), now.get(key)
+        old, new = saved.get(key, defaults.get(key)), now.get(key)
         if old != new:
             (refused if key in RESUME_FIXED else allowed).append(f"{key}: {old!r} -> {new!r}")
     return refused, allowed

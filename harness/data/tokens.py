@@ -145,10 +145,14 @@ def label_index(value, labels: list) -> tuple[int | None, str | None]:
     """(class index, problem) of a row's label: one of `labels`, or its index."""
     if value is None:
         return None, "no field 'label'"
-    if isinstance(value, int) and not isinstance(value, bool):
-        if 0 <= value < len(labels):
-            return value, None
-        return None, f"label {value} is out of range: data.labels has {len(labels)} classes (indices 0..{len(labels) - 1})"
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)) and float(value).is_integer():
+        # a number is a class name first (data.labels: ["1", "2", "3"] for star ratings), else an index
+        # (a float such as 1.0 comes from a column that also holds nulls)
+        if str(int(value)) in labels:
+            return labels.index(str(int(value))), None
+        if 0 <= int(value) < len(labels):
+            return int(value), None
+        return None, f"label {value} is neither a class name nor an index of data.labels ({len(labels)} classes: 0..{len(labels) - 1})"
     if isinstance(value, str):
         if value in labels:
             return labels.index(value), None

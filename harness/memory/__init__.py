@@ -28,14 +28,22 @@ def setup_from_plan(recipe, plan) -> TrainSetup:
     targets = recipe.lora.target_modules
     grad_dtype = (plan.ds.get("data_types") or {}).get("grad_accum_dtype")
     evals = recipe.eval.every_steps > 0
+    method, lora_r, seq_len = recipe.method, recipe.lora.r, recipe.data.seq_len
+    if method == "prompt_tuning":
+        # Modelled as the nearest method the budget knows: LoRA of rank 1 on q_proj over the same base (a few
+        # parameters more than the (P, hidden) prompt), on sequences P positions longer (the virtual tokens).
+        from harness.config import quantisation
+
+        method, lora_r, targets = quantisation(recipe) or "lora", 1, ["q_proj"]
+        seq_len += recipe.prompt_tuning.num_virtual_tokens
     return TrainSetup(
-        method=recipe.method,
+        method=method,
         precision=plan.precision,
-        lora_r=recipe.lora.r,
+        lora_r=lora_r,
         lora_targets=tuple(targets) if isinstance(targets, list) else "all-linear",
         lora_dropout=recipe.lora.dropout,
         micro_batch=plan.micro_batch_size,
-        seq_len=recipe.data.seq_len,
+        seq_len=seq_len,
         checkpointing=plan.gradient_checkpointing,
         checkpoint_every_k=plan.checkpoint_every_k,
         attn=plan.attn,
@@ -55,7 +63,7 @@ def setup_from_plan(recipe, plan) -> TrainSetup:
         generate_batch=min(recipe.eval.generate_batch_size, recipe.eval.generate_samples) if evals else 0,
         eval_batch=plan.eval_batch_size if evals and plan.eval_batch_size > plan.micro_batch_size else 0,
         fused_loss="linear_cross_entropy" in plan.kernels,
-        generate_tokens=recipe.data.seq_len + recipe.eval.max_new_tokens,
+        generate_tokens=seq_len + recipe.eval.max_new_tokens,
         generate_gather=recipe.eval.generate_gather,
     )
 

@@ -46,10 +46,16 @@ def rel_err(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("method,tol", [("full", 1e-4), ("qlora", 1e-2)])
-def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path, method, tol):
+# a soft prompt started from a text's embeddings (ZeRO-3: read from the partitioned matrix) on a 4-bit base
+SOFT_PROMPT = {"prompt_tuning.base_4bit": "true", "prompt_tuning.init": "text", "prompt_tuning.init_text": "Answer the question",
+               "prompt_tuning.num_virtual_tokens": 6, "train.lr": 3e-2}
+
+
+@pytest.mark.parametrize("method,over,tol", [("full", {}, 1e-4), ("qlora", {}, 1e-2), ("prompt_tuning", SOFT_PROMPT, 1e-2)],
+                         ids=["full", "qlora", "prompt_tuning"])
+def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path, method, over, tol):
     """Losses of the first 5 steps: ZeRO-3 on 2 ranks versus one process with ZeRO disabled."""
-    extra = {"method": method, "train.lr": 1e-3}
+    extra = {"method": method, "train.lr": 1e-3, **over}
     launch(common(tiny_llama, tmp_path / "single", **extra, **{"deepspeed.config": "ds_configs/zero0.json"}), nproc=1)
     launch(common(tiny_llama, tmp_path / "zero3", **extra, **{"deepspeed.config": "ds_configs/zero3.json"}), nproc=2)
     single, zero3 = train_losses(tmp_path / "single"), train_losses(tmp_path / "zero3")

@@ -67,8 +67,10 @@ def step_with_grads(run, step: int) -> dict[str, torch.Tensor]:
 
 def val_losses(run) -> dict[str, float]:
     flat = dataclasses.replace(run.plan, flat_batches=True)  # the padding-free layout: one unpadded row per forward
-    return {"padded": train.evaluate(run.engine, run.val_set, run.recipe, run.plan, run.dist, run.pad_id)["val_loss"],
-            "packed": train.evaluate(run.engine, run.val_set, run.recipe, flat, run.dist, run.pad_id)["val_loss"]}
+    out = {"padded": train.evaluate(run.engine, run.val_set, run.recipe, run.plan, run.dist, run.pad_id)["val_loss"]}
+    if run.recipe.method != "prompt_tuning":  # (a soft prompt goes once before each row: packing is refused)
+        out["packed"] = train.evaluate(run.engine, run.val_set, run.recipe, flat, run.dist, run.pad_id)["val_loss"]
+    return out
 
 
 def main() -> int:

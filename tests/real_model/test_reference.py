@@ -27,6 +27,7 @@ import json
 import os
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests import reference as ref
@@ -42,6 +43,8 @@ LORA = ref.Lora(r=8, alpha=16, dropout=0.0)
 
 # 4 greedy answers of up to 8 tokens at step 0 (train.answer_eval), in 2 batches of 2: one per rank
 ANSWERS = ["eval.generate_samples=4", "eval.generate_batch_size=2", "eval.max_new_tokens=8"]
+PROMPT_TEXT = "Answer with the result only."
+PROMPT = ["prompt_tuning.num_virtual_tokens=8", "prompt_tuning.init=text", f"prompt_tuning.init_text={PROMPT_TEXT}"]
 # name: (method, deepspeed config, ranks, loader, resumed in a new process, extra overrides)
 CASES = {
     "full-zero0": ("full", "zero0", 1, "hf", False, []),
@@ -60,13 +63,17 @@ CASES = {
     "full-zero0-packed": ("full", "zero0", 1, "hf", False, ["data.packing=true", "train.global_batch_size=2", "train.micro_batch_size=1"]),
     # gradient checkpointing recomputes every layer in backward, re-gathering its ZeRO-3 shards
     "lora-zero3-streamed-checkpointed": ("lora", "zero3", 2, "streamed", False, ["train.gradient_checkpointing=full"]),
+    # a soft prompt of 8 virtual tokens on the frozen 16-bit base, started from the embeddings of a text; the
+    # reference is written in plain torch (ZeRO-3 on 2 ranks against one process: tests/distributed/test_zero3.py)
+    "prompt_tuning-zero0": ("prompt_tuning", "zero0", 1, "hf", False, PROMPT),
+    "prompt_tuning-zero3-streamed": ("prompt_tuning", "zero3", 2, "streamed", False, PROMPT),
 }
 # Every case takes 0.5-2 minutes on 2 CPU cores (all 12: about 12 minutes) (ZeRO-3 there costs seconds of hooks and gathers per
-# forward), so CI runs the two below, which between them cover ZeRO-0 and ZeRO-3, padded and packed
+# forward), so CI runs the three below, which between them cover ZeRO-0 and ZeRO-3, padded and packed
 # training rows, gradient accumulation (2 micro-batches), the loader of each stage and a resume; the
 # other methods' own code (LoRA adapters, 4-bit base) is in qlora, and the demo test adds ZeRO-3 QLoRA
 # against plain peft. HARNESS_REFERENCE_CASES=all runs all of them, or name cases with commas.
-CI_CASES = ["full-zero0-packed", "qlora-zero3-streamed"]
+CI_CASES = ["full-zero0-packed", "qlora-zero3-streamed", "prompt_tuning-zero0"]
 _chosen = os.environ.get("HARNESS_REFERENCE_CASES", "")
 RUN = list(CASES) if _chosen == "all" else _chosen.split(",") if _chosen else CI_CASES
 FIGURES: dict[str, dict] = {}  # printed at the end of each case: the closing note's figures
@@ -101,7 +108,13 @@ def reference(model_dir, method: str, init: dict | None, train_rows: list[dict],
     if method == "qlora":
         out["val_step0_bnb"] = ref.mean_loss(model, out["val"])  # plain transformers + bitsandbytes, 4-bit
         model = ref.dequantized(model)
-    if method != "full":
+    if method == "prompt_tuning":
+        # init=text: the prompt starts as the embeddings of the text's tokens, cut or repeated to P (peft's rule)
+        text_ids = tok(PROMPT_TEXT).input_ids
+        want_init = model.get_input_embeddings().weight[(text_ids * 8)[:8]].detach()
+        assert torch.equal(init["prompt_encoder.default.embedding.weight"], want_init), "the soft prompt did not start from init_text"
+        model = ref.SoftPrompt(model, init["prompt_encoder.default.embedding.weight"])
+    elif method != "full":
         model = ref.with_lora(model, LORA, init)
     out["model"], out["init"] = model, {n: p.detach().clone() for n, p in ref.trainable(model).items()}
     out["val_step0"] = ref.mean_loss(model, out["val"])
@@ -159,7 +172,8 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
     data_dir, train_rows, val_rows = rows
     probe = _probe(case, real_model, data_dir, tmp_path)
     fresh = json.loads((probe / "record_fresh.json").read_text())
-    assert set(fresh["val_step0"]) == {"padded", "packed"} and ("val_step1" in fresh) == resumed
+    layouts = {"padded"} if method == "prompt_tuning" else {"padded", "packed"}
+    assert set(fresh["val_step0"]) == layouts and ("val_step1" in fresh) == resumed
     assert fresh["train_rows"] == (2 if "data.packing=true" in extra else 4)  # so each step sees exactly the 4 samples
     assert fresh["val_samples"] == 16
     init = load_file(str(probe / "init.safetensors")) if method != "full" else None
