@@ -43,7 +43,7 @@ demo: venv
 TEST_WORKERS ?= 2
 test: venv lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=10 --timeout=1200 -m "not distributed" -n $(TEST_WORKERS)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=15 --timeout=1200 -m distributed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -rs --durations=40 --timeout=1200 -m distributed
 
 # Unit tier only.
 test-fast: venv

@@ -371,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
               f"micro_batch={micro_batch} grad_accum={grad_accum} steps={t.max_steps} attn={plan.attn} "
               f"gradient_checkpointing={plan.gradient_checkpointing}", flush=True)
     trainer.train()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    harness_distributed.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The same hard exit as harness/train.py: after a successful run, interpreter finalisation with
+    # DeepSpeed's process groups still alive can abort ("terminate called without an active
+    # exception"), which a benchmark would report as a failed baseline. metrics.jsonl is line-buffered.
+    harness_distributed.exit_process(main())
