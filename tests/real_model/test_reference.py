@@ -67,6 +67,8 @@ CASES = {
     # reference is written in plain torch (ZeRO-3 on 2 ranks against one process: tests/distributed/test_zero3.py)
     "prompt_tuning-zero0": ("prompt_tuning", "zero0", 1, "hf", False, PROMPT),
     "prompt_tuning-zero3-streamed": ("prompt_tuning", "zero3", 2, "streamed", False, PROMPT),
+    # the same prompt over an NF4 base: its gradient flows through bitsandbytes' 4-bit layers (repacking forced)
+    "prompt_tuning-4bit-zero3-streamed": ("prompt_tuning", "zero3", 2, "streamed", False, [*PROMPT, "prompt_tuning.base_4bit=true"]),
 }
 # Every case takes 0.5-2 minutes on 2 CPU cores (all 12: about 12 minutes) (ZeRO-3 there costs seconds of hooks and gathers per
 # forward), so CI runs the three below, which between them cover ZeRO-0 and ZeRO-3, padded and packed
@@ -92,11 +94,12 @@ def rows(tmp_path_factory):
 _REFERENCES: dict[str, dict] = {}  # method -> the reference model and its step-0 figures (first case computes)
 
 
-def reference(model_dir, method: str, init: dict | None, train_rows: list[dict], val_rows: list[dict]) -> dict:
+def reference(model_dir, method: str, init: dict | None, train_rows: list[dict], val_rows: list[dict], four_bit: bool = False) -> dict:
     """The reference model of one method at its starting point (the adapters from `init`), with its
     step-0 validation loss and step-1 gradients."""
-    if method in _REFERENCES:
-        known = _REFERENCES[method]
+    key = method + ("-4bit" if four_bit else "")
+    if key in _REFERENCES:
+        known = _REFERENCES[key]
         if init is not None:  # the adapters start the same whatever the loader, ZeRO stage or world size
             assert known["init"].keys() == init.keys() and all(bool((known["init"][k] == init[k]).all()) for k in init)
         return known
@@ -104,9 +107,11 @@ def reference(model_dir, method: str, init: dict | None, train_rows: list[dict],
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     out = {"train": ref.examples(train_rows, tok), "val": ref.examples(val_rows, tok)}
-    model = ref.load_base(model_dir, quantized=method == "qlora")
-    if method == "qlora":
-        out["val_step0_bnb"] = ref.mean_loss(model, out["val"])  # plain transformers + bitsandbytes, 4-bit
+    model = ref.load_base(model_dir, quantized=method == "qlora" or four_bit)
+    if method == "qlora" or four_bit:
+        # plain transformers + bitsandbytes, 4-bit (with the soft prompt, for prompt tuning)
+        bnb = ref.SoftPrompt(model, init["prompt_encoder.default.embedding.weight"]) if method == "prompt_tuning" else model
+        out["val_step0_bnb"] = ref.mean_loss(bnb, out["val"])
         model = ref.dequantized(model)
     if method == "prompt_tuning":
         # init=text: the prompt starts as the embeddings of the text's tokens, cut or repeated to P (peft's rule)
@@ -119,7 +124,7 @@ def reference(model_dir, method: str, init: dict | None, train_rows: list[dict],
     out["model"], out["init"] = model, {n: p.detach().clone() for n, p in ref.trainable(model).items()}
     out["val_step0"] = ref.mean_loss(model, out["val"])
     out["grads_step1"] = ref.gradients(model, out["train"])
-    _REFERENCES[method] = out
+    _REFERENCES[key] = out
     return out
 
 
@@ -160,7 +165,7 @@ def _probe(case, model_dir, data_dir, out_dir, name="probe"):
     marker = out_dir / f"{name}_repack_forced_in"
     env = child_env(PYTHONPATH=f"{FORCE_REPACK}:{REPO}", BNB_REPACK_MARKER=str(marker))
     launch(args, nproc=ranks, script=PROBE, timeout_s=900, env=env)
-    if method == "qlora":  # only QLoRA builds bitsandbytes 4-bit layers (full and LoRA never import it)
+    if method == "qlora" or "prompt_tuning.base_4bit=true" in extra:  # only a 4-bit base builds bitsandbytes layers
         ran_in = set(marker.read_text().split()) if marker.exists() else set()
         assert len(ran_in) >= ranks, f"the forced repacking path loaded in {len(ran_in)} of {ranks} ranks"
     return out_dir / name
@@ -177,7 +182,8 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
     assert fresh["train_rows"] == (2 if "data.packing=true" in extra else 4)  # so each step sees exactly the 4 samples
     assert fresh["val_samples"] == 16
     init = load_file(str(probe / "init.safetensors")) if method != "full" else None
-    want = reference(real_model, method, init, train_rows, val_rows)
+    four_bit = "prompt_tuning.base_4bit=true" in extra
+    want = reference(real_model, method, init, train_rows, val_rows, four_bit)
 
     figures = {}
     err, where = ref.worst_gradient_error(load_file(str(probe / "grads_step1.safetensors")), want["grads_step1"])
@@ -204,7 +210,7 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
         err, where = ref.worst_gradient_error(load_file(str(d / "grads_step2.safetensors")), then["grads_step2"])
         figures[f"{label} grads step 2"] = (err, where)
         assert err <= TOL, f"{label} step 2: gradient of {where} off by {err:.2e} (relative norm)"
-    if method == "qlora":  # step 0 against the 4-bit model of plain transformers + bitsandbytes
+    if method == "qlora" or four_bit:  # step 0 against the 4-bit model of plain transformers + bitsandbytes
         got = fresh["val_step0"]["padded"]
         err = abs(got - want["val_step0_bnb"]) / want["val_step0_bnb"]
         figures["val_step0 vs bitsandbytes 4-bit"] = (got, want["val_step0_bnb"], err)
