@@ -692,18 +692,25 @@ def _validate_task(recipe: Recipe) -> None:
         if src.format != "text":
             raise ConfigError(f"data.sources.{i}.format is '{src.format}', but task=classification reads rows {{text, label}}; "
                               f"set data.sources.{i}.format=text (and map other column names with data.sources.{i}.columns)")
+    _refuse_rows_and_fused_loss(recipe, "the classification head scores one token per row (transformers' sequence-classification pooling)",
+                                "fuses the LM head with the next-token loss; task=classification has no LM head (its head has "
+                                "len(data.labels) outputs)")
+    if recipe.eval.generate_samples:
+        raise ConfigError("eval.generate_samples scores generated answers; task=classification predicts a label (eval reports "
+                          "accuracy and macro-F1); set eval.generate_samples=0")
+
+
+def _refuse_rows_and_fused_loss(recipe: Recipe, rows_why: str, fused_why: str) -> None:
+    """What one sample per row, or per-position targets, cannot be combined with: packing or padding_free
+    (several samples in a row), and the fused linear + cross-entropy kernel."""
+    d = recipe.data
     if d.packing or d.padding_free:
-        raise ConfigError(f"data.{'packing' if d.packing else 'padding_free'} puts several samples in one row, but the classification "
-                          "head scores one token per row (transformers' sequence-classification pooling); set it false")
+        raise ConfigError(f"data.{'packing' if d.packing else 'padding_free'} puts several samples in one row, but {rows_why}; set it false")
     from harness.plan import resolve_kernels  # (that module imports this one)
 
     kernels, explicit = resolve_kernels(recipe.kernels)
     if explicit and "linear_cross_entropy" in kernels:
-        raise ConfigError("kernel linear_cross_entropy fuses the LM head with the next-token loss; task=classification has no LM head "
-                          "(its head has len(data.labels) outputs); drop linear_cross_entropy from kernels")
-    if recipe.eval.generate_samples:
-        raise ConfigError("eval.generate_samples scores generated answers; task=classification predicts a label (eval reports "
-                          "accuracy and macro-F1); set eval.generate_samples=0")
+        raise ConfigError(f"kernel linear_cross_entropy {fused_why}; drop linear_cross_entropy from kernels")
 
 
 def quantisation(recipe: Recipe) -> str | None:
@@ -716,7 +723,7 @@ def quantisation(recipe: Recipe) -> str | None:
 
 
 def _validate_prompt_tuning(recipe: Recipe) -> None:
-    pt, d = recipe.prompt_tuning, recipe.data
+    pt = recipe.prompt_tuning
     if recipe.method != "prompt_tuning":
         return
     if pt.num_virtual_tokens < 1:
@@ -725,18 +732,9 @@ def _validate_prompt_tuning(recipe: Recipe) -> None:
     if pt.init == "text" and not pt.init_text.strip():
         raise ConfigError("prompt_tuning.init=text starts the prompt from prompt_tuning.init_text, which is empty; set it "
                           "(e.g. prompt_tuning.init_text='Answer the question.') or use prompt_tuning.init=random")
-    if d.packing or d.padding_free:
-        raise ConfigError(f"data.{'packing' if d.packing else 'padding_free'} puts several samples in one row, but method=prompt_tuning "
-                          "puts its virtual tokens once before each row (later samples would not see them); set it false")
-    from harness.plan import resolve_kernels  # (that module imports this one)
-
-    kernels, explicit = resolve_kernels(recipe.kernels)
-    if explicit and "linear_cross_entropy" in kernels:
-        raise ConfigError("kernel linear_cross_entropy takes its targets position by position, and method=prompt_tuning adds "
-                          f"{pt.num_virtual_tokens} virtual positions before them; drop linear_cross_entropy from kernels")
-    if recipe.task == "classification":
-        raise ConfigError("method=prompt_tuning with task=classification is not supported yet (the head would pool a padded "
-                          "position); use method=lora or qlora for a classifier")
+    _refuse_rows_and_fused_loss(recipe, "method=prompt_tuning puts its virtual tokens once before each row (later samples would not "
+                                "see them)", f"takes its targets position by position, and method=prompt_tuning adds {pt.num_virtual_tokens} "
+                                "virtual positions before them")
 
 
 def _finite(value: float) -> bool:

@@ -102,7 +102,15 @@ def save_adapter(model: torch.nn.Module, out: Path, state: dict[str, torch.Tenso
         live = state if state is not None else {k: v.detach().cpu() for k, v in model.named_parameters()}
         prompt = next(v for k, v in live.items() if k.startswith("prompt_encoder.") and k.endswith(".embedding.weight"))
         model.peft_config["default"].save_pretrained(str(out))
-        save_file({"prompt_embeddings": prompt.contiguous()}, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+        tensors = {"prompt_embeddings": prompt.contiguous()}
+        if hasattr(model.get_base_model(), model_lib.HEAD):
+            # a classifier (trained in place under a FEATURE_EXTRACTION wrapper): peft's SEQ_CLS prompt layout,
+            # the head as "base_model.score.weight" (the live name too) and modules_to_save [score]
+            head = {k: v.contiguous() for k, v in live.items() if k.startswith(f"base_model.{model_lib.HEAD}.")}
+            assert head, "a classification model without its head's weights"
+            tensors.update(head)
+            _set_seq_cls(out / "adapter_config.json")
+        save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         return
     # peft keeps only the adapter's keys of `state`
     model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
@@ -114,7 +122,11 @@ def save_adapter(model: torch.nn.Module, out: Path, state: dict[str, torch.Tenso
     assert head, "a classification model without its head's weights"
     weights_file = out / "adapter_model.safetensors"
     save_file({**load_file(str(weights_file)), **head}, str(weights_file), metadata={"format": "pt"})
-    cfg_file = out / "adapter_config.json"
+    _set_seq_cls(out / "adapter_config.json")
+
+
+def _set_seq_cls(cfg_file: Path) -> None:
+    """Mark a saved adapter as peft's sequence classifier with its head in modules_to_save."""
     cfg = json.loads(cfg_file.read_text())
     cfg.update(task_type="SEQ_CLS", modules_to_save=[model_lib.HEAD])
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))

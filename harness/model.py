@@ -230,11 +230,16 @@ def load_model(recipe, *, precision: str, attn_implementation: str, device: torc
 
 
 def prompt_tuning_config(recipe):
-    """peft's PromptTuningConfig of recipe.prompt_tuning (causal LM)."""
+    """peft's PromptTuningConfig of recipe.prompt_tuning.
+
+    A classifier gets task type FEATURE_EXTRACTION, whose wrapper only puts the prompt before the token
+    embeddings: peft's SEQ_CLS wrapper would deep-copy the ZeRO-3 partitioned head into modules_to_save
+    (see lora_config), so the head trains in place, and the export writes peft's SEQ_CLS layout."""
     peft = _optional.require("peft")
     pt = recipe.prompt_tuning
     text = pt.init == "text"
-    return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens,
+    task_type = "FEATURE_EXTRACTION" if recipe.task == "classification" else "CAUSAL_LM"
+    return peft.PromptTuningConfig(task_type=task_type, num_virtual_tokens=pt.num_virtual_tokens,
                                    prompt_tuning_init=peft.PromptTuningInit.TEXT if text else peft.PromptTuningInit.RANDOM,
                                    prompt_tuning_init_text=pt.init_text if text else None,
                                    tokenizer_name_or_path=recipe.model.path if text else None)
@@ -260,11 +265,20 @@ def with_soft_prompt(model: torch.nn.Module, recipe):
         gathered = deepspeed.zero.GatheredParameters([emb], modifier_rank=None)  # read only
     with gathered:
         model = peft.get_peft_model(model, prompt_tuning_config(recipe))
+    if recipe.task == "classification":  # the new head learns beside the prompt
+        make_head_trainable(model)
     dtype = model.get_input_embeddings().weight.dtype
     for p in model.parameters():
         if p.requires_grad and p.dtype != dtype:
             p.data = p.data.to(dtype)
     return model
+
+
+def head_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The classification head (`score`) of a model, peft-wrapped or a DeepSpeed engine's."""
+    model = getattr(model, "module", model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, HEAD)
 
 
 def virtual_tokens(model: torch.nn.Module) -> int:

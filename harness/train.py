@@ -127,8 +127,22 @@ def class_loss_sum(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     """task=classification: (sum of cross-entropies over the batch's labelled samples (fp32), logits
     (B, C), labels (B,), -100 for a sample without one). transformers pools each row's last token that
     is not the pad id, which is where the data put the label (data.tokenize_labelled)."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
     labels = batch["targets"].amax(dim=1)  # (B,): the one class index of each row (targets are -100 elsewhere)
+    virtual = model_lib.virtual_tokens(engine)
+    if not virtual:
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # (B, C)
+        return F.cross_entropy(logits, labels, ignore_index=data.IGNORE_INDEX, reduction="sum"), logits, labels
+    # A soft prompt: peft hands the model embeddings only (P virtual + T token positions), and without token
+    # ids transformers pools the last position, a pad in every shorter right-padded row. The head's scores at
+    # every position, (B, P + T, C), are read here instead, each row's at P + (its length - 1).
+    scores: list[torch.Tensor] = []
+    hook = model_lib.head_module(engine).register_forward_hook(lambda _m, _i, out: scores.append(out))
+    try:
+        engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        hook.remove()
+    last = virtual + batch["attention_mask"].sum(dim=1) - 1  # (B,)
+    logits = scores[-1][torch.arange(len(last), device=last.device), last].float()  # (B, C)
     return F.cross_entropy(logits, labels, ignore_index=data.IGNORE_INDEX, reduction="sum"), logits, labels
 
 

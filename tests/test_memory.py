@@ -24,17 +24,23 @@ def _cfg(name: str) -> dict:
     return json.loads((MODEL_CONFIGS_DIR / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen2.5-7b", "mistral-7b"])
-def test_parameter_count_matches_the_hf_model(name):
+# num_labels 0: the causal LM (its LM head, tied or not); 3: transformers' sequence classifier (a 3 x hidden score head, never tied)
+@pytest.mark.parametrize("name, num_labels, tied", [("llama-3.1-8b", 0, False), ("qwen2.5-7b", 0, False), ("mistral-7b", 0, False),
+                                                    ("qwen2.5-7b", 0, True), ("llama-3.1-8b", 3, False), ("qwen2.5-7b", 5, True)])
+def test_parameter_count_matches_the_hf_model(name, num_labels, tied):
     """The closed-form parameter count is the one transformers builds (meta device, no memory)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cfg = _cfg(name)
-    hf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "quantization_config"})
+    from harness.memory.analytic import total_numel
+
+    cfg = {**_cfg(name), "tie_word_embeddings": tied}
+    shape = ModelShape.from_config(cfg)
+    extra = {"num_labels": num_labels} if num_labels else {}
+    hf = AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if k != "quantization_config"}, **extra)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf)
-    assert load_model_shape(name).total_numel() == sum(p.numel() for p in model.parameters())
+        model = (AutoModelForSequenceClassification if num_labels else AutoModelForCausalLM).from_config(hf)
+    assert total_numel(shape, TrainSetup(num_labels=num_labels)) == sum(p.numel() for p in model.parameters())
 
 
 def test_nf4_bytes_per_param_matches_bitsandbytes():
@@ -205,9 +211,14 @@ def test_cli_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("variant", [dict(checkpointing="every_k", checkpoint_every_k=2), dict(checkpointing="none", lora_dropout=0.05)])
-def test_engines_agree_on_every_k_and_lora_dropout(variant):
-    """every_k checkpointing is exact; LoRA dropout's copies are modelled within 3% (analytic above)."""
+# a classifier (task=classification): no (s, V) logits, and the trained score head keeps the final norm's output
+@pytest.mark.parametrize("variant", [dict(checkpointing="every_k", checkpoint_every_k=2), dict(checkpointing="none", lora_dropout=0.05),
+                                     dict(checkpointing="none", num_labels=3), dict(checkpointing="full", num_labels=3)])
+def test_engines_agree_on_every_k_lora_dropout_and_a_classifier(variant):
+    """every_k checkpointing is exact and so is what a classifier saves; its peaks, reached in the final norm's fp32
+    upcast or a layer's backward rather than in vocabulary-wide logits, are modelled within 2% (8B: forward 0.4% and
+    backward 0.6% under; with full checkpointing, backward 1.5% under, inside the verdict's 3% margin); LoRA
+    dropout's copies within 3% (analytic above)."""
     from harness.memory.trace import trace_profile
 
     shape = ModelShape.from_config(_cfg("llama-3.1-8b"))
@@ -215,7 +226,10 @@ def test_engines_agree_on_every_k_and_lora_dropout(variant):
     a, t = activation_profile(shape, setup), trace_profile(_cfg("llama-3.1-8b"), setup)
     for what in ("saved", "fwd_peak", "bwd_peak"):
         x, y = getattr(a, what)(shape.layers), getattr(t, what)(shape.layers)
-        assert 0 <= x - y <= 0.03 * y if setup.lora_dropout else abs(x - y) <= 0.001 * y, (variant, what, x, y)
+        if setup.lora_dropout:
+            assert 0 <= x - y <= 0.03 * y, (variant, what, x, y)
+        else:
+            assert abs(x - y) <= (0.02 if setup.num_labels and what != "saved" else 0.001) * y, (variant, what, x, y)
 
 
 REAL_REL = 0.01

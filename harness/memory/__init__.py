@@ -65,6 +65,7 @@ def setup_from_plan(recipe, plan) -> TrainSetup:
         fused_loss="linear_cross_entropy" in plan.kernels,
         generate_tokens=seq_len + recipe.eval.max_new_tokens,
         generate_gather=recipe.eval.generate_gather,
+        num_labels=len(recipe.data.labels) if recipe.task == "classification" else 0,
     )
 
 

@@ -133,6 +133,7 @@ class TrainSetup:
     generate_gather: bool = True  # ZeRO-3: the whole model gathered on every rank for generation
     eval_batch: int = 0  # eval.batch_size when it exceeds micro_batch (an eval forward then outgrows training's), else 0
     fused_loss: bool = False  # kernels: linear_cross_entropy (the loss is taken in chunks: no full logits)
+    num_labels: int = 0  # task=classification: the score head's classes (C x hidden, always trained); 0 = the LM head
 
     def __post_init__(self):
         checks = [
@@ -211,6 +212,21 @@ class ActivationProfile:
         return self.bwd_peak_base_bytes + self.bwd_peak_per_layer_bytes * layers
 
 
+def head_numel(m: ModelShape, t: TrainSetup) -> int:
+    """The output head's elements: a classifier's score layer (C x hidden, never tied), else the LM head."""
+    return t.num_labels * m.hidden if t.num_labels else m.head_numel()
+
+
+def total_numel(m: ModelShape, t: TrainSetup) -> int:
+    """Every parameter of the model trained: the decoder with `head_numel`'s head."""
+    return m.total_numel() - m.head_numel() + head_numel(m, t)
+
+
+def logit_width(m: ModelShape, t: TrainSetup) -> int:
+    """Outputs per position of the head: C classes (transformers scores every position, then pools one), or V."""
+    return t.num_labels or m.vocab
+
+
 def lora_targets(setup: TrainSetup) -> tuple:
     """The adapted linear names (all-linear = every decoder-layer linear; peft skips lm_head)."""
     return LINEAR_NAMES if setup.lora_targets in ("all-linear", ("all-linear",)) else tuple(setup.lora_targets)
@@ -264,7 +280,7 @@ def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
     """Closed-form ActivationProfile for HF Llama-style models under this recipe."""
     s_b = t.seq_len * t.micro_batch
     d = t.dtype_bytes
-    h, v = m.hidden, m.vocab
+    h, v = m.hidden, logit_width(m, t)
     cpu_sdpa = t.device == "cpu" and t.attn == "sdpa"
     layer = layer_saved_bytes(m, t, cpu_sdpa=cpu_sdpa)
     # Shared by every layer: RoPE cos/sin in the model dtype (b, 1, s, head_dim) x 2; with checkpointing
@@ -273,8 +289,10 @@ def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
     ckpt_mask = 0
     if t.checkpointing != "none" and t.attn == "sdpa" and (t.packed or cpu_sdpa):
         ckpt_mask = (t.micro_batch if t.packed else 1) * t.seq_len * t.seq_len
-    # Final norm (its output is saved only when lm_head trains) and log_softmax's fp32 output (4 s b V).
-    final_norm = _norm_saved_bytes(m, t, output_saved=not t.peft)
+    # Final norm (its output is saved only when the head trains: always for a classifier) and log_softmax's
+    # fp32 output (4 s b V). A classifier's head gives (b, s, C) scores and its loss (b, C): both negligible
+    # at C << V, and counted at s b C to stay an upper bound.
+    final_norm = _norm_saved_bytes(m, t, output_saved=not t.peft or t.num_labels > 0)
     logsm = 4 * s_b * v
     saved_base = rope + ckpt_mask + final_norm + logsm
     # Loss transient in forward: the model-dtype logits and their fp32 copy (none in fp32) beside the

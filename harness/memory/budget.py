@@ -7,7 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from harness.memory.analytic import (
-    GIB, INT8_BYTES_PER_PARAM, NF4_DQ_BYTES_PER_PARAM, ActivationProfile, Cluster, ModelShape, TrainSetup, activation_profile, lora_targets,
+    GIB, INT8_BYTES_PER_PARAM, NF4_DQ_BYTES_PER_PARAM, ActivationProfile, Cluster, ModelShape, TrainSetup, activation_profile, head_numel,
+    logit_width, lora_targets, total_numel,
 )
 
 PHASES = ("load", "forward", "backward", "step")  # training; "eval" and "generate" join them when the recipe asks
@@ -57,10 +58,11 @@ class Budget:
 
 def _trainable_numel(m: ModelShape, t: TrainSetup) -> int:
     if not t.peft:
-        return m.total_numel()
+        return total_numel(m, t)
     shapes = m.linear_shapes()
     per_layer = sum(t.lora_r * (shapes[n][0] + shapes[n][1]) for n in lora_targets(t) if n in shapes)
-    return per_layer * m.layers
+    # A classifier's head trains with the adapters (harness/model.py make_head_trainable).
+    return per_layer * m.layers + (head_numel(m, t) if t.num_labels else 0)
 
 
 def _mark_resident(lines: list, extra_phases: tuple) -> None:
@@ -77,7 +79,7 @@ def _eval_lines(m: ModelShape, t: TrainSetup, gathered_bytes: float) -> list:
     training forward, one layer's transient activations, and the logits with their fp32 copy (the loss
     in fp32), unless the fused loss takes them in chunks."""
     d, tokens = t.dtype_bytes, t.eval_batch * t.seq_len
-    logits_bytes = 0 if t.fused_loss else tokens * m.vocab * (d + 4)
+    logits_bytes = 0 if t.fused_loss else tokens * logit_width(m, t) * (d + 4)
     out = [Line("eval forward: one layer's activations + logits", "activations", 3 * tokens * m.intermediate * d + logits_bytes,
                 phases=(EVAL,), note=f"eval.batch_size {t.eval_batch} x seq {t.seq_len}")]
     if gathered_bytes:
@@ -121,7 +123,8 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
     trainable = _trainable_numel(m, t)
     linear = m.layers * m.layer_linear_numel()
     small = m.layers * m.layer_small_numel() + m.hidden
-    embed_head = m.embed_numel() + m.head_numel()
+    embed_head = m.embed_numel() + head_numel(m, t)
+    trained_head = head_numel(m, t) if t.peft and t.num_labels else 0  # in `trainable`, not frozen
     lines: list[Line] = []
     gpu = t.device == "cuda"
 
@@ -131,7 +134,7 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
                           note="NF4 + double quant: 0.516 B/param; packed in the compute dtype, ZeRO-3 partitioned"))
     elif t.method == "int8":
         lines.append(Line("frozen int8 weights + scales", "params", linear * INT8_BYTES_PER_PARAM / n))
-    frozen16 = (embed_head + small) if t.peft else 0
+    frozen16 = (embed_head - trained_head + small) if t.peft else 0
     if t.method == "lora":
         frozen16 += linear
     if frozen16:
@@ -178,12 +181,12 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
         bucket = min(t.reduce_bucket_numel, max(trainable, 1)) * d
         lines.append(Line("reduce (IPG) bucket", "zero", bucket, note=f"reduce_bucket_size {t.reduce_bucket_numel:,} x {d} B"))
         quant_bytes = NF4_DQ_BYTES_PER_PARAM if t.method == "qlora" else INT8_BYTES_PER_PARAM if t.method == "int8" else d
-        full_bytes = linear * quant_bytes + (embed_head + small) * d
+        full_bytes = linear * quant_bytes + (embed_head - trained_head + small) * d  # the trained head: in `trainable`
         # Parameters stay gathered while their next use is within stage3_max_reuse_distance elements
         # (after the first step has recorded the trace), capped by stage3_max_live_parameters; at least
         # the largest module is gathered at a time.
-        frac = min(1.0, (t.prefetch_bucket_numel + min(t.max_reuse_distance_numel, t.max_live_numel)) / m.total_numel())
-        largest = max(max(x * y for x, y in m.linear_shapes().values()) * quant_bytes, max(m.embed_numel(), m.head_numel()) * d)
+        frac = min(1.0, (t.prefetch_bucket_numel + min(t.max_reuse_distance_numel, t.max_live_numel)) / total_numel(m, t))
+        largest = max(max(x * y for x, y in m.linear_shapes().values()) * quant_bytes, max(m.embed_numel(), head_numel(m, t)) * d)
         # Gathered copies are separate full-size buffers beside each rank's partition (one rank: none).
         gathered = max(frac * full_bytes, largest) if n > 1 else 0.0
         lines.append(Line("gathered parameters (prefetch / live / reuse)", "zero", gathered, phases=("forward", "backward"),
@@ -205,10 +208,10 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
         shapes = m.linear_shapes()
         if t.peft:
             g_layer = sum(t.lora_r * (shapes[x][0] + shapes[x][1]) for x in lora_targets(t) if x in shapes) * d
-            g_head = g_embed = 0
+            g_head, g_embed = trained_head * d, 0
         else:
             g_layer = (m.layer_linear_numel() + m.layer_small_numel()) * d
-            g_head = (m.head_numel() + m.hidden) * d
+            g_head = (head_numel(m, t) + m.hidden) * d
             g_embed = m.embed_numel() * d
         top = g_head + g_layer
         bottom = profile.bwd_peak_base_bytes + g_head + L * g_layer + g_embed - act_bwd
@@ -271,7 +274,8 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
     if t.offload_optimizer:
         host.append(Line("offloaded optimizer (fp32 master, m, v, grad)", "host", trainable * 16 / n_opt * gpn))
     if t.offload_param and t.zero_stage == 3:
-        host.append(Line("offloaded parameters", "host", (linear * NF4_DQ_BYTES_PER_PARAM if t.method == "qlora" else m.total_numel() * d) / n * gpn))
+        offloaded = linear * NF4_DQ_BYTES_PER_PARAM if t.method == "qlora" else total_numel(m, t) * d
+        host.append(Line("offloaded parameters", "host", offloaded / n * gpn))
     # Loading: each rank reads safetensors shards through mmap and materialises its copy; with QLoRA +
     # ZeRO-3 each rank briefly holds the 16-bit weights of one shard (~5 GB) to quantise them.
     host.append(Line("model loading (per rank: one 5 GB shard + dataset)", "host", gpn * (5e9 + host_data_bytes)))

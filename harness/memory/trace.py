@@ -57,18 +57,21 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def _build(cfg: dict, setup: TrainSetup, layers: int, fake_mode):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     cfg = dict(cfg)
     cfg["num_hidden_layers"] = layers
     cfg.pop("quantization_config", None)
     cfg.pop("layer_types", None)
     model_type = cfg.pop("model_type")
+    if setup.num_labels:  # task=classification: the score head (pad id 0: the trace has no padding to find)
+        cfg.update(num_labels=setup.num_labels, pad_token_id=0)
     hf_cfg = AutoConfig.for_model(model_type, **cfg)
     dtype = DTYPES[setup.precision]
     attn = setup.attn if setup.attn != "flash_attention_2" else "sdpa"  # flash-attn cannot run on CPU: sdpa's saved set
+    auto = AutoModelForSequenceClassification if setup.num_labels else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
+        model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
     if setup.peft:
         import peft
 
@@ -76,7 +79,12 @@ def _build(cfg: dict, setup: TrainSetup, layers: int, fake_mode):
 
         targets = "all-linear" if setup.lora_targets in ("all-linear", ("all-linear",)) else list(setup.lora_targets)
         with torch.device("meta"):  # (alpha only scales the update: no memory of its own)
-            model = peft.get_peft_model(model, lora_config(setup.lora_r, 2 * setup.lora_r, setup.lora_dropout, targets))
+            model = peft.get_peft_model(model, lora_config(setup.lora_r, 2 * setup.lora_r, setup.lora_dropout, targets,
+                                                           task="classification" if setup.num_labels else "causal_lm"))
+        if setup.num_labels:
+            from harness.model import make_head_trainable
+
+            make_head_trainable(model)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -112,7 +120,7 @@ def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
     dtype = DTYPES[setup.precision]
     with fake_mode:
         emb = torch.empty(b, s, int(cfg["hidden_size"]), dtype=dtype, requires_grad=True)
-        targets = torch.zeros(b * s, dtype=torch.long)
+        targets = torch.zeros(b if setup.num_labels else b * s, dtype=torch.long)  # one class per row, or per token
         kwargs = {"use_cache": False}
         if setup.packed:  # two samples per row: position ids restart, transformers builds a block mask
             pos = torch.arange(s).remainder(max(s // 2, 1)).unsqueeze(0).expand(b, s)
@@ -123,7 +131,10 @@ def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
             # `emb * 1` stands for the embedding output: a tensor of the run, kept only if something saves
             # it (fp32 norms, a checkpointed first layer), and gone otherwise.
             logits = model(inputs_embeds=emb * 1, **kwargs).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets, reduction="sum")
+            # (b, C) pooled scores for a classifier (transformers pools one position per row), else (b, s, V)
+            flat = logits.float() if setup.num_labels else logits.float().flatten(0, 1)
+            loss = torch.nn.functional.cross_entropy(flat, targets, reduction="sum")
+            del flat  # (the fp32 copy is transient in the run too: only log_softmax's output is saved)
             del logits
             saved, fwd_peak = counter.current, counter.peak
             counter.peak = counter.current

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import REPO, launch, train_losses
+from tests.helpers import REPO, launch, read_metrics, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -51,19 +51,75 @@ SOFT_PROMPT = {"prompt_tuning.base_4bit": "true", "prompt_tuning.init": "text", 
                "prompt_tuning.num_virtual_tokens": 6, "train.lr": 3e-2}
 
 
-@pytest.mark.parametrize("method,over,tol", [("full", {}, 1e-4), ("qlora", {}, 1e-2), ("prompt_tuning", SOFT_PROMPT, 1e-2)],
-                         ids=["full", "qlora", "prompt_tuning"])
-def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path, method, over, tol):
-    """Losses of the first 5 steps: ZeRO-3 on 2 ranks versus one process with ZeRO disabled."""
+# task=classification on the bundled sentiment rows, evaluated at step 5 on 32 of them
+ASSETS = REPO / "harness" / "assets"
+CLASSIFY = {"task": "classification", "data.labels": "[negative,neutral,positive]", "data.sources.0.format": "text",
+            "data.sources.0.path": ASSETS / "sentiment_train.jsonl", "data.val_path": ASSETS / "sentiment_val.jsonl",
+            "data.seq_len": 64, "eval.every_steps": 5, "eval.max_samples": 32, "eval.batch_size": 8, "train.lr": 3e-3}
+ROWS = {  # id: (method, overrides, tolerance)
+    "full": ("full", {}, 1e-4),
+    "qlora": ("qlora", {}, 1e-2),
+    "prompt_tuning": ("prompt_tuning", SOFT_PROMPT, 1e-2),
+    # the hf loader builds under deepspeed.zero.Init (the new head initialised while partitioned); the streamed
+    # loader partitions the head as its last unit
+    "classification-lora-hf": ("lora", {**CLASSIFY, "model.loader": "hf"}, 1e-4),
+    "classification-qlora-streamed": ("qlora", {**CLASSIFY, "model.loader": "streamed"}, 1e-2),
+    # a soft prompt before each review, and the head trained beside it (the head pools each row's last real token,
+    # P positions further on)
+    "classification-prompt_tuning": ("prompt_tuning", {**CLASSIFY, "prompt_tuning.num_virtual_tokens": 6}, 1e-4),
+}
+
+
+def plain_peft_val_loss(model_path, adapter, rows: int, quantized: bool) -> float:
+    """The saved adapter (and head) in plain transformers + peft, every validation review alone and unpadded
+    (so even peft's prompt-tuning wrapper, which pools the last position, pools the right token): mean CE."""
+    import torch.nn.functional as F
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests import reference as ref
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    labels = CLASSIFY["data.labels"].strip("[]").split(",")
+    val = ref.read_jsonl(CLASSIFY["data.val_path"], rows)
+    base = ref.load_base(model_path, quantized=quantized, attn="sdpa", auto=AutoModelForSequenceClassification, num_labels=len(labels),
+                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=tok(r["text"], return_tensors="pt").input_ids).logits.float() for r in val])
+    return float(F.cross_entropy(logits, torch.tensor([labels.index(r["label"]) for r in val])))
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path, row):
+    """Losses of the first 5 steps (and with an eval, its loss and confusion matrix): ZeRO-3 on 2 ranks
+    versus one process with ZeRO disabled."""
+    method, over, tol = ROWS[row]
     extra = {"method": method, "train.lr": 1e-3, **over}
     launch(common(tiny_llama, tmp_path / "single", **extra, **{"deepspeed.config": "ds_configs/zero0.json"}), nproc=1)
     launch(common(tiny_llama, tmp_path / "zero3", **extra, **{"deepspeed.config": "ds_configs/zero3.json"}), nproc=2)
     single, zero3 = train_losses(tmp_path / "single"), train_losses(tmp_path / "zero3")
     assert len(single) == len(zero3) == 5
-    assert single[-1] < single[0], f"loss did not move: {single}"
+    evals = [r["val_loss"] for r in read_metrics(tmp_path / "single") if "val_loss" in r]
+    # learning: the training loss of 5 batches of 8, or where there is one, the fixed validation set's loss (a classifier's
+    # batches of 8 reviews vary more than 5 small steps move it)
+    moved = evals[-1] < evals[0] if evals else single[-1] < single[0]
+    assert moved, f"loss did not move: train {single}, val {evals}"
     err = rel_err(zero3, single)
-    print(f"{method}: single {single}\n{method}: zero3  {zero3}\nmax relative error {err:.2e}")
+    print(f"{row}: single {single}\n{row}: zero3  {zero3}\nmax relative error {err:.2e}")
     assert err <= tol
+    if "eval.every_steps" in over:
+        v1, v2 = ([r for r in read_metrics(tmp_path / d) if "val_loss" in r][-1] for d in ("single", "zero3"))
+        val_err = abs(v2["val_loss"] - v1["val_loss"]) / v1["val_loss"]
+        print(f"  val_loss {v1['val_loss']:.6f} vs {v2['val_loss']:.6f} ({val_err:.2e}); "
+              f"accuracy {v1['val_accuracy']:.3f} vs {v2['val_accuracy']:.3f}")
+        assert val_err <= tol
+        assert sum(map(sum, v2["confusion"])) == 32  # every validation sample scored once, whatever the world size
+        if tol <= 1e-4:  # fp32 end to end: the same predictions
+            assert v1["confusion"] == v2["confusion"]
+        plain = plain_peft_val_loss(tiny_llama, tmp_path / "zero3" / "adapter", 32, quantized=method == "qlora")
+        print(f"  plain peft on the saved adapter: val_loss {plain:.6f} (ZeRO-3 run {v2['val_loss']:.6f})")
+        assert abs(plain - v2["val_loss"]) <= tol * plain
 
 
 @pytest.fixture(scope="module")
