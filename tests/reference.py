@@ -129,6 +129,24 @@ class SoftPrompt(torch.nn.Module):
         return type("Output", (), {"logits": logits})()
 
 
+class PeftSoftPrompt(torch.nn.Module):
+    """The same soft prompt through plain peft's own prompt tuning (PromptTuningConfig, CAUSAL_LM) instead of
+    the concatenation written out above: `logits` of the T real positions (peft returns P + T)."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        import peft
+
+        super().__init__()
+        self.peft_model = peft.get_peft_model(model, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=len(prompt)))
+        with torch.no_grad():
+            self.peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt)
+        self.virtual = len(prompt)
+
+    def forward(self, input_ids):
+        logits = self.peft_model(input_ids=input_ids).logits[:, self.virtual:]
+        return type("Output", (), {"logits": logits})()
+
+
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

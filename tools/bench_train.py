@@ -21,6 +21,7 @@ baseline patched by Liger-Kernel; GPU only). Each is compared with the plain "hf
 
 --runs NAME,... runs only those; with --work-dir, a run not named there whose complete metrics a
 previous call left in the work dir is reused (and marked so), and the model is made once per shape.
+--repeats N runs the harness/hf pair N times, alternating, and leaves the last pair there for such reuse.
 
 Throughput = non-padding input tokens summed over ranks / optimizer-step wall time on rank 0, taken as
 total tokens / total step time over the steps after the first --warmup-steps (not a median of per-step
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "hf+liger": ("tools/hf_trainer_baseline.py", [*baseline, "--output-dir", str(out_dirs["hf+liger"]), "--liger", *args.hf_set]),
     }
     if args.repeats > 1:
-        return repeated_pairs(args, work, commands, overrides, baseline)
+        return repeated_pairs(args, work, commands, overrides, out_dirs, setting)
     for name in RUN_NAMES:  # harness first: the others need its resolved files
         if name not in args.runs:
             continue
@@ -411,18 +412,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def repeated_pairs(args, work: Path, commands: dict, overrides: list[str], baseline: list[str]) -> int:
+def repeated_pairs(args, work: Path, commands: dict, overrides: list[str], out_dirs: dict, setting: dict) -> int:
     """harness, hf, harness, hf, ... (--repeats pairs, alternating so that drift in the machine's speed
-    hits both sides alike); each pair's tokens/s ratio, and their median."""
+    hits both sides alike); each pair's tokens/s ratio, and their median. The last pair is left in the
+    work dir as the complete harness and hf runs, which a later call with the same settings reuses (e.g.
+    `--kernels --runs harness+k`)."""
     ratios, pairs = [], []
     for rep in range(args.repeats):
-        dirs = {"harness": work / f"harness.r{rep}", "hf": work / f"hf.r{rep}"}
+        last = rep == args.repeats - 1
+        dirs = {name: out_dirs[name] if last else work / f"{name}.r{rep}" for name in ("harness", "hf")}
         cmds = {"harness": (commands["harness"][0], ["--config", args.recipe, *overrides, f"output_dir={dirs['harness']}"]),
                 "hf": (commands["hf"][0], ["--recipe", str(dirs["harness"] / "recipe.yaml"),
                                            "--ds-config", args.hf_ds_config or str(dirs["harness"] / "ds_config.json"),
                                            "--output-dir", str(dirs["hf"]), *args.hf_set])}
         summaries = {}
         for name in ("harness", "hf"):
+            (work / f"{name}.run.json").unlink(missing_ok=True)  # (never a cut-off run recorded as complete)
             shutil.rmtree(dirs[name], ignore_errors=True)
             run = launch(f"{name}.r{rep}", *cmds[name], work, dirs[name] / "metrics.jsonl", args.steps, args.timeout_s, args.nproc)
             if run["rc"] != 0:
@@ -439,6 +444,8 @@ def repeated_pairs(args, work: Path, commands: dict, overrides: list[str], basel
                 return 1
             summaries[name] = summarize(rows, args.warmup_steps, run["wall_s"])
             summaries[name]["tokens_per_step"] = [r["tokens"] for r in rows]
+            if last:
+                (work / f"{name}.run.json").write_text(json.dumps({**run, "setting": setting}))
         same = summaries["harness"].pop("tokens_per_step") == summaries["hf"].pop("tokens_per_step")
         summaries["same_tokens_every_step"] = same
         ratios.append(summaries["harness"]["tokens_per_s"] / summaries["hf"]["tokens_per_s"])

@@ -28,18 +28,18 @@ def setup_from_plan(recipe, plan) -> TrainSetup:
     targets = recipe.lora.target_modules
     grad_dtype = (plan.ds.get("data_types") or {}).get("grad_accum_dtype")
     evals = recipe.eval.every_steps > 0
-    method, lora_r, seq_len = recipe.method, recipe.lora.r, recipe.data.seq_len
+    method, seq_len, virtual = recipe.method, recipe.data.seq_len, 0
     if method == "prompt_tuning":
-        # Modelled as the nearest method the budget knows: LoRA of rank 1 on q_proj over the same base (a few
-        # parameters more than the (P, hidden) prompt), on sequences P positions longer (the virtual tokens).
+        # A soft prompt: no adapters over a frozen base (16-bit, or NF4 with prompt_tuning.base_4bit), on rows
+        # P positions longer (the virtual tokens).
         from harness.config import quantisation
 
-        method, lora_r, targets = quantisation(recipe) or "lora", 1, ["q_proj"]
-        seq_len += recipe.prompt_tuning.num_virtual_tokens
+        method, virtual = quantisation(recipe) or "lora", recipe.prompt_tuning.num_virtual_tokens
+        seq_len += virtual
     return TrainSetup(
         method=method,
         precision=plan.precision,
-        lora_r=lora_r,
+        lora_r=recipe.lora.r,
         lora_targets=tuple(targets) if isinstance(targets, list) else "all-linear",
         lora_dropout=recipe.lora.dropout,
         micro_batch=plan.micro_batch_size,
@@ -66,6 +66,8 @@ def setup_from_plan(recipe, plan) -> TrainSetup:
         generate_tokens=seq_len + recipe.eval.max_new_tokens,
         generate_gather=recipe.eval.generate_gather,
         num_labels=len(recipe.data.labels) if recipe.task == "classification" else 0,
+        virtual_tokens=virtual,
+        memory_efficient_linear=bool(z.get("memory_efficient_linear", True)),
     )
 
 

@@ -134,6 +134,12 @@ class TrainSetup:
     eval_batch: int = 0  # eval.batch_size when it exceeds micro_batch (an eval forward then outgrows training's), else 0
     fused_loss: bool = False  # kernels: linear_cross_entropy (the loss is taken in chunks: no full logits)
     num_labels: int = 0  # task=classification: the score head's classes (C x hidden, always trained); 0 = the LM head
+    # method=prompt_tuning: P trainable (P, hidden) embeddings before every row and no adapters; `method` then
+    # names the frozen base's storage (lora: 16-bit, qlora: NF4) and seq_len counts the P positions.
+    virtual_tokens: int = 0
+    # ZeRO-3's zero_optimization.memory_efficient_linear (DeepSpeed's default: on): F.linear is replaced by an
+    # autograd function that saves every linear's input, frozen or not (see input_saving_linears).
+    memory_efficient_linear: bool = True
 
     def __post_init__(self):
         checks = [
@@ -146,6 +152,9 @@ class TrainSetup:
             (self.device in ("cuda", "cpu"), f"device {self.device!r} must be cuda or cpu"),
             (self.method == "full" or self.lora_r >= 1, "LoRA rank must be >= 1"),
             (self.checkpointing != "every_k" or self.checkpoint_every_k >= 1, "checkpoint_every_k must be >= 1"),
+            (self.virtual_tokens >= 0, "virtual_tokens must be >= 0"),
+            (not self.virtual_tokens or self.method in ("lora", "qlora"), "a soft prompt's base is lora (16-bit) or qlora (NF4)"),
+            (not self.virtual_tokens or self.seq_len > self.virtual_tokens, "seq_len counts the virtual tokens and the row"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -232,6 +241,29 @@ def lora_targets(setup: TrainSetup) -> tuple:
     return LINEAR_NAMES if setup.lora_targets in ("all-linear", ("all-linear",)) else tuple(setup.lora_targets)
 
 
+def adapter_layer_numel(m: ModelShape, t: TrainSetup) -> int:
+    """Trainable elements of one decoder layer under peft: LoRA's A (r x in) and B (out x r) per target;
+    none for a soft prompt, whose (P, hidden) embeddings sit before the first layer."""
+    if t.virtual_tokens:
+        return 0
+    shapes = m.linear_shapes()
+    return sum(t.lora_r * (shapes[n][0] + shapes[n][1]) for n in lora_targets(t) if n in shapes)
+
+
+def input_saving_linears(t: TrainSetup) -> set:
+    """The decoder-layer linears (and, as "lm_head", the head) whose input is saved for backward.
+
+    Plain torch saves a linear's input only for its weight gradient: every linear when all train, LoRA's
+    targets (their A matmul), none for a soft prompt over a frozen base. Under ZeRO-3 DeepSpeed replaces
+    F.linear by LinearFunctionForZeroStage3 (zero_optimization.memory_efficient_linear, on by default),
+    which saves input and weight whatever needs a gradient: every frozen 16-bit linear that gradient flows
+    through then saves its input too. bitsandbytes' 4-bit and 8-bit layers do not call F.linear."""
+    every = set(LINEAR_NAMES) | {"lm_head"}
+    if not t.peft or (t.zero_stage == 3 and t.memory_efficient_linear and t.method == "lora"):
+        return every
+    return set() if t.virtual_tokens else set(lora_targets(t))
+
+
 def _norm_saved_bytes(m: ModelShape, t: TrainSetup, *, output_saved: bool) -> float:
     """One HF RMSNorm (eager; upcasts to fp32): the fp32 input (4 s b h; in fp32 runs the residual
     itself), rstd (4 s b), x*rstd in the model dtype when the norm weight trains (the multiply saves it
@@ -256,7 +288,7 @@ def layer_saved_bytes(m: ModelShape, t: TrainSetup, *, cpu_sdpa: bool) -> float:
     s_b = t.seq_len * t.micro_batch
     d = t.dtype_bytes
     q, kv, i = m.q_dim, m.kv_dim, m.intermediate
-    targets = set(lora_targets(t)) if t.peft else set(LINEAR_NAMES)
+    targets = input_saving_linears(t)
     norms = (_norm_saved_bytes(m, t, output_saved=bool(targets & {"q_proj", "k_proj", "v_proj"}))
              + _norm_saved_bytes(m, t, output_saved=bool(targets & {"gate_proj", "up_proj"})))
     # Attention: q after RoPE, K and V, output O (o_proj's input is a view of it), fp32 logsumexp.
@@ -268,11 +300,12 @@ def layer_saved_bytes(m: ModelShape, t: TrainSetup, *, cpu_sdpa: bool) -> float:
     # SwiGLU MLP: gate output (saved by silu and mul), silu output, up output, their product (down's input).
     mlp = d * s_b * i * (3 + (1 if "down_proj" in targets else 0))
     lora = 0
-    if t.peft:
+    if t.peft and not t.virtual_tokens:
+        adapted = set(lora_targets(t)) & set(LINEAR_NAMES)
         # Each adapted linear saves its A output (s b r) for B's weight gradient.
-        lora = d * s_b * t.lora_r * len(targets & set(LINEAR_NAMES))
+        lora = d * s_b * t.lora_r * len(adapted)
         if t.lora_dropout > 0:  # peft keeps a dropped copy of the input per adapted module (+ a mask)
-            lora += sum((d + 1) * s_b * m.linear_shapes()[n][0] for n in targets if n in LINEAR_NAMES)
+            lora += sum((d + 1) * s_b * m.linear_shapes()[n][0] for n in adapted)
     return norms + attn + mlp + lora
 
 
@@ -289,15 +322,19 @@ def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
     ckpt_mask = 0
     if t.checkpointing != "none" and t.attn == "sdpa" and (t.packed or cpu_sdpa):
         ckpt_mask = (t.micro_batch if t.packed else 1) * t.seq_len * t.seq_len
-    # Final norm (its output is saved only when the head trains: always for a classifier) and log_softmax's
-    # fp32 output (4 s b V). A classifier's head gives (b, s, C) scores and its loss (b, C): both negligible
-    # at C << V, and counted at s b C to stay an upper bound.
-    final_norm = _norm_saved_bytes(m, t, output_saved=not t.peft or t.num_labels > 0)
+    # Final norm (its output is saved when the head saves its input: it trains, as a classifier's always
+    # does, or ZeRO-3's linear saves it) and log_softmax's fp32 output (4 s b V). A classifier's head gives
+    # (b, s, C) scores and its loss (b, C): both negligible at C << V, and counted at s b C to stay an
+    # upper bound.
+    final_norm = _norm_saved_bytes(m, t, output_saved="lm_head" in input_saving_linears(t) or t.num_labels > 0)
     logsm = 4 * s_b * v
     saved_base = rope + ckpt_mask + final_norm + logsm
-    # Loss transient in forward: the model-dtype logits and their fp32 copy (none in fp32) beside the
-    # log_softmax output.
-    fwd_head_extra = (d + (4 if d != 4 else 0)) * s_b * v
+    # Loss transient in forward: the model-dtype logits and their fp32 copy beside the log_softmax output.
+    # In fp32 the copy is none, except after a soft prompt: the loss drops the P virtual positions,
+    # logits[:, P:], and flattening that strided view copies it (harness/train.py token_loss_sum) unless
+    # b = 1 (then it is a view).
+    sliced = t.virtual_tokens and not t.num_labels and t.micro_batch > 1
+    fwd_head_extra = (d + (4 if d != 4 or sliced else 0)) * s_b * v
     # Backward of the head: grads of log_softmax's output and input (4 + 4 s b V) beside the saved output
     # (the model-dtype grad of the logits comes after the fp32 ones are freed).
     bwd_head_extra = 8 * s_b * v
@@ -312,11 +349,17 @@ def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
         saved_per_layer = frac * d * s_b * h + (1 - frac) * layer
         # A checkpointed layer's forward still holds MLP-wide tensors at once: silu(gate) and up; with
         # peft also each projection's base output beside base + LoRA (traced: ~3.6 of them, 3.5 + h).
-        fwd_layer_extra = (3.5 * i_bytes + d * s_b * h) if t.peft else 2 * i_bytes
+        # Without LoRA sums (all trained, or a soft prompt over a frozen base): two MLP-wide tensors and the
+        # norm's fp32 upcast beside its input (traced: 2 I + 2.5 h; it is the forward's peak when the head's
+        # logits are small: a classifier).
+        lora_sums = t.peft and not t.virtual_tokens
+        fwd_layer_extra = (3.5 * i_bytes + d * s_b * h) if lora_sums else 2 * i_bytes + 2.5 * d * s_b * h
         recompute = layer
     # Backward of a layer: (its recomputed activations) + two MLP-wide gradients, after the head's
     # tensors (final norm, log_softmax output) are gone.
-    bwd_layer_phase = saved_base - final_norm - logsm + recompute + 2 * i_bytes
+    # (Through a frozen base to a soft prompt, traced: one MLP-wide and one hidden-wide tensor more.)
+    bwd_grads = (3 * i_bytes + d * s_b * h) if t.virtual_tokens else 2 * i_bytes
+    bwd_layer_phase = saved_base - final_norm - logsm + recompute + bwd_grads
     bwd_head = saved_base + bwd_head_extra
     return ActivationProfile(
         engine="analytic",

@@ -10,11 +10,14 @@ and backward is taken with respect to the embedding output only, so no weight gr
 QLoRA is traced as LoRA over a frozen compute-dtype base: bitsandbytes' MatMul4Bit saves only the packed
 weight (already counted as a parameter), so the saved activations are the same; the transient dequantised
 weight is a closed-form line of the budget. PEFT is applied on the meta device and the parameters are then
-replaced by fake CPU tensors directly (Module.to() cannot swap fake parameters).
+replaced by fake CPU tensors directly (Module.to() cannot swap fake parameters). A 16-bit base under ZeRO-3 is
+traced with DeepSpeed's own F.linear replacement, which saves every linear's input (see _zero3_linear); a soft
+prompt (virtual_tokens) as the frozen base with gradient flowing to its input, over P + T positions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import weakref
@@ -72,7 +75,17 @@ def _build(cfg: dict, setup: TrainSetup, layers: int, fake_mode):
     auto = AutoModelForSequenceClassification if setup.num_labels else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(hf_cfg, dtype=dtype, attn_implementation=attn)
-    if setup.peft:
+    if setup.virtual_tokens:
+        # A soft prompt over a frozen base: no adapters. The traced input (`emb`, below) stands for peft's
+        # concatenation of the (P, hidden) prompt and the token embeddings, so gradient flows through every
+        # layer to it, as to the prompt.
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if setup.num_labels:
+            from harness.model import make_head_trainable
+
+            make_head_trainable(model)
+    elif setup.peft:
         import peft
 
         from harness.model import lora_config
@@ -110,6 +123,24 @@ def _build(cfg: dict, setup: TrainSetup, layers: int, fake_mode):
     return model, exclude
 
 
+@contextlib.contextmanager
+def _zero3_linear(setup: TrainSetup):
+    """Trace with the F.linear the run has: under ZeRO-3 (memory_efficient_linear, DeepSpeed's default)
+    DeepSpeed's own zero3_linear_wrap, which saves every linear's input, frozen or not. Only a 16-bit
+    base is affected: bitsandbytes' layers (qlora, int8; traced here as 16-bit linears) never call it."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+
+    now = torch.nn.functional.linear
+    plain = getattr(ZeroInit, "linear_bk", now)  # a zero.Init in this process replaced F.linear for good
+    zero3 = setup.zero_stage == 3 and setup.memory_efficient_linear and setup.method == "lora"
+    torch.nn.functional.linear = zero3_linear_wrap if zero3 else plain
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = now
+
+
 def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
     """(saved at the end of forward, forward peak, backward peak) in bytes for a `layers`-layer model."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -127,10 +158,13 @@ def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
             kwargs["position_ids"] = pos
         exclude |= {emb.untyped_storage()._cdata, targets.untyped_storage()._cdata}
         counter = _LiveBytes(exclude)
-        with counter:
+        with counter, _zero3_linear(setup):
             # `emb * 1` stands for the embedding output: a tensor of the run, kept only if something saves
             # it (fp32 norms, a checkpointed first layer), and gone otherwise.
             logits = model(inputs_embeds=emb * 1, **kwargs).logits
+            if setup.virtual_tokens and not setup.num_labels:  # the loss drops the P virtual positions, as train.py
+                logits = logits[:, setup.virtual_tokens:]
+                targets = targets[: b * (s - setup.virtual_tokens)]
             # (b, C) pooled scores for a classifier (transformers pools one position per row), else (b, s, V)
             flat = logits.float() if setup.num_labels else logits.float().flatten(0, 1)
             loss = torch.nn.functional.cross_entropy(flat, targets, reduction="sum")

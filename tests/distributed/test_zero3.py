@@ -97,7 +97,10 @@ def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path, row):
     method, over, tol = ROWS[row]
     extra = {"method": method, "train.lr": 1e-3, **over}
     launch(common(tiny_llama, tmp_path / "single", **extra, **{"deepspeed.config": "ds_configs/zero0.json"}), nproc=1)
-    launch(common(tiny_llama, tmp_path / "zero3", **extra, **{"deepspeed.config": "ds_configs/zero3.json"}), nproc=2)
+    # a classifier's ZeRO-3 run also checkpoints and evaluates at step 4 (exported below; the final step writes the
+    # adapter, not a checkpoint)
+    ckpt = {"checkpoint.every_steps": 4, "eval.every_steps": 4} if "eval.every_steps" in over else {}
+    launch(common(tiny_llama, tmp_path / "zero3", **{**extra, **ckpt, "deepspeed.config": "ds_configs/zero3.json"}), nproc=2)
     single, zero3 = train_losses(tmp_path / "single"), train_losses(tmp_path / "zero3")
     assert len(single) == len(zero3) == 5
     evals = [r["val_loss"] for r in read_metrics(tmp_path / "single") if "val_loss" in r]
@@ -120,6 +123,16 @@ def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path, row):
         plain = plain_peft_val_loss(tiny_llama, tmp_path / "zero3" / "adapter", 32, quantized=method == "qlora")
         print(f"  plain peft on the saved adapter: val_loss {plain:.6f} (ZeRO-3 run {v2['val_loss']:.6f})")
         assert abs(plain - v2["val_loss"]) <= tol * plain
+        # harness-export --format adapter from the ZeRO-3 checkpoint of step 4: in plain peft, the loss the run evaluated then
+        from harness import export
+
+        export.export(tmp_path / "zero3", "adapter", tmp_path / "from_checkpoint", which="step_4")
+        at4 = next(r for r in read_metrics(tmp_path / "zero3") if "val_loss" in r and r["step"] == 4)
+        plain4 = plain_peft_val_loss(tiny_llama, tmp_path / "from_checkpoint", 32, quantized=method == "qlora")
+        cfg = json.loads((tmp_path / "from_checkpoint" / "adapter_config.json").read_text())
+        print(f"  adapter exported from the step-4 checkpoint ({cfg['peft_type']}, {cfg['task_type']}): plain peft val_loss "
+              f"{plain4:.6f} (run at step 4 {at4['val_loss']:.6f})")
+        assert cfg["task_type"] == "SEQ_CLS" and abs(plain4 - at4["val_loss"]) <= tol * plain4
 
 
 @pytest.fixture(scope="module")

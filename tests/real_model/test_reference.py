@@ -119,6 +119,10 @@ def reference(model_dir, method: str, init: dict | None, train_rows: list[dict],
         want_init = model.get_input_embeddings().weight[(text_ids * 8)[:8]].detach()
         assert torch.equal(init["prompt_encoder.default.embedding.weight"], want_init), "the soft prompt did not start from init_text"
         model = ref.SoftPrompt(model, init["prompt_encoder.default.embedding.weight"])
+        if not four_bit:  # the same gradient through plain peft's own prompt tuning, on a base of its own
+            prompt = init["prompt_encoder.default.embedding.weight"]
+            (grad,) = ref.gradients(ref.PeftSoftPrompt(ref.load_base(model_dir, quantized=False), prompt), out["train"]).values()
+            out["grads_step1_peft"] = {"prompt_encoder.default.embedding.weight": grad}
     elif method != "full":
         model = ref.with_lora(model, LORA, init)
     out["model"], out["init"] = model, {n: p.detach().clone() for n, p in ref.trainable(model).items()}
@@ -189,6 +193,10 @@ def test_harness_equals_the_reference(real_model, rows, tmp_path, case):
     err, where = ref.worst_gradient_error(load_file(str(probe / "grads_step1.safetensors")), want["grads_step1"])
     figures["grads step 1"] = (err, where)
     assert err <= TOL, f"step 1: gradient of {where} off by {err:.2e} (relative norm)"
+    if "grads_step1_peft" in want:  # a soft prompt: also against plain peft's prompt tuning
+        err, where = ref.worst_gradient_error(load_file(str(probe / "grads_step1.safetensors")), want["grads_step1_peft"])
+        figures["grads step 1 vs plain peft"] = (err, where)
+        assert err <= TOL, f"step 1: gradient of {where} off by {err:.2e} against plain peft"
     then = after_step1(want, load_file(str(probe / "grads_step1.safetensors")), load_file(str(probe / "params_step1.safetensors")), resumed)
     figures["AdamW update"] = then["update"]
     assert then["update"][0] <= TOL, f"the optimizer step of {then['update'][1]} is off by {then['update'][0]:.2e}"
