@@ -70,7 +70,7 @@ CASES = {
     # the same prompt over an NF4 base: its gradient flows through bitsandbytes' 4-bit layers (repacking forced)
     "prompt_tuning-4bit-zero3-streamed": ("prompt_tuning", "zero3", 2, "streamed", False, [*PROMPT, "prompt_tuning.base_4bit=true"]),
 }
-# Every case takes 0.5-2 minutes on 2 CPU cores (all 12: about 12 minutes) (ZeRO-3 there costs seconds of hooks and gathers per
+# Every case takes 0.5-2 minutes on 2 CPU cores (all 15: about 15 minutes) (ZeRO-3 there costs seconds of hooks and gathers per
 # forward), so CI runs the three below, which between them cover ZeRO-0 and ZeRO-3, padded and packed
 # training rows, gradient accumulation (2 micro-batches), the loader of each stage and a resume; the
 # other methods' own code (LoRA adapters, 4-bit base) is in qlora, and the demo test adds ZeRO-3 QLoRA
