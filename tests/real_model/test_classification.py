@@ -9,6 +9,8 @@ reproduced with plain libraries only:
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,22 +25,33 @@ LABELS = ["negative", "neutral", "positive"]
 STEPS, N_VAL = 10, 48  # shortened from the recipe's 30 steps and 150 reviews for the CI time budget
 # Measured (fp32, 2 CPU ranks): accuracy 0.375 before (the untrained head), 0.917 after 10 steps (macro-F1 0.284 -> 0.921); the recipe's
 # 30 steps: 34.0% -> 100.0% on all 150 (macro-F1 0.272 -> 1.000). Chance is 1/3 on the balanced classes.
-MAX_BEFORE, MIN_AFTER = 0.5, 0.85
+MAX_BEFORE = 0.5
+# name: (overrides, MIN_AFTER). prompt_tuning: the head and 8 virtual tokens over the frozen 16-bit base (ZeRO-3, 2 ranks);
+# measured 31.2% -> 81.2% (macro-F1 0.278 -> 0.803) on the 48 after 10 steps. CI runs qlora; HARNESS_REAL_CLASSIFICATION=all
+# runs both (the soft prompt's own learning and plain-peft round trip on the real model: tests/real_model/test_prompt_tuning.py,
+# and classification with a soft prompt under ZeRO-3 against one process and plain peft: tests/distributed/test_zero3.py).
+ROWS = {"qlora": (["train.lr=2e-3"], 0.85),
+        "prompt_tuning": (["method=prompt_tuning", "prompt_tuning.num_virtual_tokens=8", "train.lr=1e-2"], 0.75)}
+RUN = list(ROWS) if os.environ.get("HARNESS_REAL_CLASSIFICATION") == "all" else ["qlora"]
 
 
-def test_sentiment_head_learns_and_plain_libraries_agree(real_model, tmp_path):
+@pytest.mark.parametrize("row", RUN)
+def test_sentiment_head_learns_and_plain_libraries_agree(real_model, tmp_path, row):
+    extra, min_after = ROWS[row]
     run = tmp_path / "run"
     marker = tmp_path / "repack_forced_in"
     env = child_env(PYTHONPATH=f"{REPO / 'tests' / 'bnb_repack'}:{REPO}", BNB_REPACK_MARKER=str(marker))
     over = [f"model.path={real_model}", f"output_dir={run}", "log.progress_bar=false", f"train.max_steps={STEPS}",
-            f"eval.every_steps={STEPS}", f"eval.max_samples={N_VAL}", "eval.batch_size=24", "train.warmup_steps=2", "train.lr=2e-3"]
+            f"eval.every_steps={STEPS}", f"eval.max_samples={N_VAL}", "eval.batch_size=24", "train.warmup_steps=2", *extra]
     proc = launch(["--config", RECIPE, *over], nproc=2, timeout_s=900, env=env)
-    assert len(set(marker.read_text().split())) >= 2, "the forced repacking path did not load in both ranks"
+    quantized = row == "qlora"
+    if quantized:
+        assert len(set(marker.read_text().split())) >= 2, "the forced repacking path did not load in both ranks"
     evals = {r["step"]: r for r in read_metrics(run) if "val_loss" in r}
     before, after = evals[0], evals[STEPS]
     print(f"\nsentiment head: accuracy {before['val_accuracy']:.3f} -> {after['val_accuracy']:.3f}, macro-F1 {before['val_f1']:.3f} -> "
           f"{after['val_f1']:.3f}, val_loss {before['val_loss']:.4f} -> {after['val_loss']:.4f} on {N_VAL} held-out reviews")
-    assert before["val_accuracy"] <= MAX_BEFORE and after["val_accuracy"] >= MIN_AFTER
+    assert before["val_accuracy"] <= MAX_BEFORE and after["val_accuracy"] >= min_after
     assert "held-out accuracy" in proc.stdout and (run / "classification_report.md").is_file()
 
     from peft import PeftModel
@@ -48,7 +61,7 @@ def test_sentiment_head_learns_and_plain_libraries_agree(real_model, tmp_path):
     truth = [LABELS.index(r["label"]) for r in rows]
     tok = AutoTokenizer.from_pretrained(str(real_model))
     head = dict(num_labels=3, pad_token_id=tok.pad_token_id)
-    base = ref.load_base(real_model, quantized=True, attn="sdpa", auto=AutoModelForSequenceClassification, **head)
+    base = ref.load_base(real_model, quantized=quantized, attn="sdpa", auto=AutoModelForSequenceClassification, **head)
     model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
     with torch.no_grad():
         logits = torch.cat([model(input_ids=tok(r["text"], return_tensors="pt").input_ids).logits.float() for r in rows])
@@ -58,6 +71,8 @@ def test_sentiment_head_learns_and_plain_libraries_agree(real_model, tmp_path):
     print(f"plain peft: val_loss {loss:.6f} (harness {after['val_loss']:.6f}), confusion {confusion} (harness {after['confusion']})")
     assert abs(loss - after["val_loss"]) <= 1e-4 * max(1.0, loss) + 1e-6
     assert confusion == after["confusion"]
+    if not quantized:  # a soft prompt is an input, not weights: no merged export (refused)
+        return
 
     launch([str(run), "--format", "merged", "--out", str(tmp_path / "merged")], script=str(REPO / "tools" / "export.py"), timeout_s=600)
     classify = pipeline("text-classification", model=str(tmp_path / "merged"), tokenizer=tok, device="cpu")
