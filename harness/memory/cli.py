@@ -31,7 +31,7 @@ def parse_args(argv):
     p.add_argument("--recipe", help="recipe YAML (harness/recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value recipe overrides")
     g = p.add_argument_group("recipe flags (override the recipe)")
-    g.add_argument("--method", choices=("full", "lora", "qlora", "int8"))
+    g.add_argument("--method", choices=("full", "lora", "qlora", "int8", "prompt_tuning"))
     g.add_argument("--precision", choices=("bf16", "fp16", "fp32"))
     g.add_argument("--lora-r", type=int)
     g.add_argument("--lora-targets", help="comma-separated module names, or all-linear")
