@@ -295,3 +295,45 @@ def test_generation_phase_only_with_generation_and_its_kv_cache_is_what_transfor
         gathered = lines["whole model gathered for generation"].bytes
         print(f"{model}: gathered for generation {gathered:,.0f} B predicted, {sum(held.values()):,} B held; KV {cache_bytes:,} B")
         assert lines["whole model gathered for generation"].bytes == pytest.approx(sum(held.values()), rel=rel)
+
+
+
+ZERO3_LINEAR_PROBE = """
+import json, torch, deepspeed
+import torch.nn.functional as F
+from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+def saved_input_bytes(linear):
+    x = torch.randn(8, 32, requires_grad=True)  # gradient flows to the input, as to a soft prompt
+    weight = torch.randn(16, 32)  # frozen
+    seen = {}
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.nbytes
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        linear(x, weight).sum().backward()
+    return seen.get(x.untyped_storage().data_ptr(), 0)
+
+plain = saved_input_bytes(F.linear)
+with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}, dtype=torch.float32):
+    torch.nn.Linear(4, 4)
+print(json.dumps({"plain": plain, "replaced": torch.nn.functional.linear is zero3_linear_wrap,
+                  "zero3": saved_input_bytes(torch.nn.functional.linear)}))
+"""
+
+
+def test_zero3_linear_saves_the_input_of_a_frozen_linear():
+    """The premise of input_saving_linears, checked with plain torch and DeepSpeed only (in a process of its own:
+    zero.Init sets up a process group and replaces F.linear for good): after a deepspeed.zero.Init, F.linear is
+    DeepSpeed's memory-efficient replacement, which saves a frozen linear's input for backward; plain torch's saves
+    none. No CPU-specific kernel is involved."""
+    import json
+    import sys
+
+    from tests.helpers import child_env, free_port, run_bounded
+
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    proc = run_bounded([sys.executable, "-c", ZERO3_LINEAR_PROBE], env, timeout_s=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"plain": 0, "replaced": True, "zero3": 8 * 32 * 4}, got  # the whole fp32 input
