@@ -20,6 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Threads for one process that has the machine's 2 cores to itself; under pytest-xdist the other
+# worker and its ranks share them, so one.
+SOLO_THREADS = "1" if "PYTEST_XDIST_WORKER" in os.environ else "2"
+
+
 def child_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update(
@@ -54,8 +59,8 @@ def launch(args: list[str], nproc: int = 1, timeout_s: int = 600, check: bool = 
     """Run `script` with `args` under the deepspeed launcher (nproc ranks) or as one plain process."""
     if nproc == 1:
         cmd = [sys.executable, script, *args]
-        if env is None and script == TRAIN and "PYTEST_XDIST_WORKER" not in os.environ:  # one training process alone on 2 cores: both
-            env = child_env(OMP_NUM_THREADS="2")
+        if env is None and script == TRAIN:  # one training process: both cores when it has them alone
+            env = child_env(OMP_NUM_THREADS=SOLO_THREADS)
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
     proc = run_bounded(cmd, env or child_env(), timeout_s)

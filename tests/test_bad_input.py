@@ -166,6 +166,7 @@ def test_bad_input_two_ranks_prints_once(tmp_path, tiny_llama):
 
 
 @pytest.mark.distributed
+@pytest.mark.serial  # a timed slow rank 0: never beside another test
 def test_bad_input_two_ranks_error_survives_slow_rank0(tmp_path, tiny_llama):
     recipe = tmp_path / "good.yaml"
     recipe.write_text(recipe_text(Path(tiny_llama), tmp_path / "out"))

@@ -21,7 +21,7 @@ import torch
 from tests.distributed.test_resume import JOB_TIMEOUT_S, RECIPE, start, tail, wait_or_kill
 from tests.helpers import REPO, launch, read_metrics, train_losses
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.serial]  # signals and deadlines: never beside another test
 GRACE_S = 60  # signal -> exit on this machine (the templates give 900 s)
 
 

@@ -75,6 +75,7 @@ def checkpointed_step(out) -> int:
     return int(latest.read_text().split("_")[1]) if latest.exists() else 0
 
 
+@pytest.mark.serial  # kills timed against the job's own steps and saves: never beside another test
 def test_kill9_at_random_moments_then_resume_is_bit_exact(tiny_llama, tmp_path):
     kills = int(os.environ.get("HARNESS_KILL_TESTS", "2"))
     steps = max(STEPS, 2 * kills + 6)  # room for every kill to land in a run that is still training

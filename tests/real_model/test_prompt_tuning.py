@@ -14,7 +14,7 @@ import json
 import pytest
 
 from tests import reference as ref
-from tests.helpers import REPO, child_env, launch, read_metrics
+from tests.helpers import REPO, SOLO_THREADS, child_env, launch, read_metrics
 
 pytestmark = [pytest.mark.distributed, pytest.mark.real_model]
 RECIPE = str(REPO / "harness" / "recipes" / "demo_qlora.yaml")
@@ -29,7 +29,7 @@ def test_soft_prompt_beats_the_untouched_model(real_model, tmp_path):
             "deepspeed.config=ds_configs/zero0.json", "train.micro_batch_size=8", "train.global_batch_size=8", f"train.max_steps={STEPS}",
             "train.lr=3e-2", f"eval.every_steps={STEPS}", f"eval.max_samples={N_VAL}", "eval.batch_size=16", f"eval.generate_samples={N_ANSWERS}",
             f"eval.generate_batch_size={N_ANSWERS}", "eval.max_new_tokens=8"]
-    launch(["--config", RECIPE, *over], nproc=1, timeout_s=900, env=child_env(OMP_NUM_THREADS="2"))  # one process: both cores
+    launch(["--config", RECIPE, *over], nproc=1, timeout_s=900, env=child_env(OMP_NUM_THREADS=SOLO_THREADS))  # one process: both cores if alone
     records = read_metrics(run)
     vals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
     rates = {r["step"]: r["val_exact_match"] for r in records if "val_exact_match" in r}

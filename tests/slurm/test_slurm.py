@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import REPO, child_env, read_metrics, run_bounded, train_losses
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.serial]  # signals and deadlines: never beside another test
 SCRIPTS = sorted((REPO / "slurm").rglob("*.sh")) + sorted((REPO / "tests" / "slurm").glob("*.sh"))
 TEMPLATES = sorted((REPO / "slurm").glob("train_*.sh"))
 REQUIRED = ("--job-name", "--nodes", "--ntasks-per-node", "--time", "--signal", "--requeue", "--open-mode", "--output")
