@@ -303,6 +303,10 @@ import json, torch, deepspeed
 import torch.nn.functional as F
 from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
+# Without this, zero.Init's process group on a CPU-only machine first JIT-compiles DeepSpeed's shared-memory
+# allreduce (deepspeed_shm_comm: about a minute of g++ on a fresh machine); the linear needs no allreduce.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
 def saved_input_bytes(linear):
     x = torch.randn(8, 32, requires_grad=True)  # gradient flows to the input, as to a soft prompt
     weight = torch.randn(16, 32)  # frozen

@@ -72,6 +72,15 @@ CASES = [
     Case("smollm2-pt-z3-2r-s256-none", "real", "prompt_tuning", 3, 2, 256, "none", packing=False, micro_batch_real=2),
     Case("smollm2-lora2-z3-2r-s256-none", "real", "lora", 3, 2, 256, "none", lora_targets="[q_proj, v_proj]", packing=False, micro_batch_real=2),
 ]
+# Known misses, not in CI, run by name (python tests/distributed/test_memory_measured.py ROOT NAME): the sentiment head on the
+# real model's 4-bit base (sentiment_qlora's set-up) is over-predicted by +20.4% / +11.6% (analytic; trace +21.5% / +12.6%):
+# measured 761 / 821 MiB, predicted 916. By phase: load 162 measured, 111 predicted; forward minus load 597 / 657 measured,
+# 804 predicted, of which 160 MiB is "gathered parameters" (the 4-bit linears and the whole 49,152 x 576 fp32 embedding
+# kept gathered through forward). A classifier has no tied head that reuses the embedding at the end, and the tiny
+# model's 512-token vocabulary hid it (llama-cls-qlora-z3-2r-s256-none passes).
+OPEN = [
+    Case("smollm2-cls-qlora-z3-2r-s256-none", "real", "qlora", 3, 2, 256, "none", task="classification", packing=False, micro_batch_real=2),
+]
 ALPACA = f"[{{path: {REPO}/harness/assets/tiny_instruct_val.jsonl, format: alpaca}}]"  # 200 samples: enough packed rows
 
 
@@ -189,7 +198,7 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     names = set(sys.argv[2:])
     all_rows = []
-    for case in CASES:
+    for case in CASES + [c for c in OPEN if c.name in names]:
         if names and case.name not in names:
             continue
         rows = compare(case, root)

@@ -25,8 +25,9 @@ cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mb=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) * 85 / 100 / 1024 ))
 # cred_expire: a requeued job waits this long (default 120 s) before it may start again; 10 s keeps the
 # preemption test short (Slurm accepts 5 or more) and is still ample for a step launch on a busy host.
-# bf_interval: the backfill pass that starts the requeued job once that hold ends runs every 30 s by
-# default, which left the test idle for up to 20 s more; every 2 s is nothing for a 3-node cluster.
+# bf_interval: the backfill pass runs every 30 s by default; sched_interval: the main scheduling pass,
+# which is the one that starts a requeued job once that hold ends, every 60 s (the test sat idle 25 s
+# after the hold). Every 2 s each is nothing for a 3-node cluster.
 conf=$(cat <<CONF
 ClusterName=harness-test
 SlurmctldHost=${host}
@@ -40,7 +41,7 @@ SlurmdPidFile=/run/slurmd-%n.pid
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2
+SchedulerParameters=bf_interval=2,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
