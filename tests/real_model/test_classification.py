@@ -82,8 +82,12 @@ def test_sentiment_head_learns_and_plain_libraries_agree(real_model, tmp_path, r
     # The merged export of the step-5 checkpoint (2 ranks' ZeRO-3 shards of the adapter and head, and the
     # 4-bit base dequantised), read by plain pipeline(): the loss and predictions the run logged at step 5.
     mid = evals[MID]
+    # The export quantises the base again and verifies by logits (eval-mode forwards): the repacking path forced there too
+    export_marker = tmp_path / "repack_forced_in_export"
     export = launch([str(run), "--format", "merged", "--from", f"step_{MID}", "--out", str(tmp_path / "merged")],
-                    script=str(REPO / "tools" / "export.py"), timeout_s=600)
+                    script=str(REPO / "tools" / "export.py"), timeout_s=600,
+                    env=child_env(PYTHONPATH=f"{REPO / 'tests' / 'bnb_repack'}:{REPO}", BNB_REPACK_MARKER=str(export_marker)))
+    assert export_marker.read_text().split(), "the forced repacking path did not load in the export"
     assert f"exporting checkpoint {run / 'checkpoints' / f'step_{MID:08d}'} (step {MID})" in export.stdout, export.stdout[-2000:]
     classify = pipeline("text-classification", model=str(tmp_path / "merged"), tokenizer=tok, device="cpu", top_k=None)
     scores = [{o["label"]: o["score"] for o in out} for out in classify([r["text"] for r in rows], batch_size=1)]  # softmax per review

@@ -84,7 +84,10 @@ def test_demo_learns_and_plain_libraries_give_the_same_answers(real_model, tmp_p
     peft_model = PeftModel.from_pretrained(base, str(run / "adapter"))
     peft_answers = ref.greedy_answers(peft_model, tok, rows, max_new_tokens=24, batch=BATCH)
     del peft_model
-    launch([str(run), "--format", "merged", "--out", str(tmp_path / "merged")], script=str(REPO / "tools" / "export.py"), timeout_s=600)
+    export_marker = tmp_path / "repack_forced_in_export"  # the export quantises the base again and verifies by eval-mode logits
+    launch([str(run), "--format", "merged", "--out", str(tmp_path / "merged")], script=str(REPO / "tools" / "export.py"), timeout_s=600,
+           env=child_env(PYTHONPATH=f"{REPO / 'tests' / 'bnb_repack'}:{REPO}", BNB_REPACK_MARKER=str(export_marker)))
+    assert export_marker.read_text().split(), "the forced repacking path did not load in the export"
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)
     merged_answers = ref.greedy_answers(merged, tok, rows[:MERGED], max_new_tokens=24, batch=BATCH)
 
