@@ -37,6 +37,7 @@ class LiveStorageCounter(TorchDispatchMode):
         self.peak_bytes = 0
         self.phase = "load"
         self.phase_peak_bytes: dict[str, int] = {}
+        self.batches: list = []  # [length, has padding] of each training forward
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -100,6 +101,9 @@ def instrument_engine(engine, counter: LiveStorageCounter) -> None:
         orig = getattr(engine, name)
 
         def wrapped(*a, _orig=orig, _phase=phase, **kw):
+            if _phase == "forward" and engine.training:  # the training micro-batch: its length, and whether it has padding
+                mask = kw.get("attention_mask")
+                counter.batches.append([int(kw["input_ids"].shape[1]), bool(mask is not None and not bool(mask.all()))])
             counter.set_phase(_phase)
             out = _orig(*a, **kw)
             counter._bump()
@@ -142,6 +146,7 @@ def main() -> int:
         "load_peak_bytes": load_peak,
         "after_load_bytes": after_load,
         "phase_peak_bytes": counter.phase_peak_bytes,
+        "batches": counter.batches,
     }
     per_rank = [None] * dist.world_size
     torch.distributed.all_gather_object(per_rank, record)
