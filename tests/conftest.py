@@ -58,7 +58,7 @@ def pytest_sessionstart(session):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "distributed: runs 2 gloo ranks on CPU (deepspeed launcher)")
+    config.addinivalue_line("markers", "distributed: runs 2 gloo ranks on CPU (tests/spawn_ranks.py; the deepspeed runner where launching is tested)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
     config.addinivalue_line("markers", "slow: longer end-to-end runs")
     config.addinivalue_line("markers", "serial: timed (signals, deadlines, Slurm): make test runs it alone, never beside another test")

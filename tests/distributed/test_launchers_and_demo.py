@@ -18,7 +18,7 @@ def test_tiny_recipe_learns(tiny_llama, tmp_path):
     least 15% from its first (untrained) value (measured 6.66 -> 5.10, -23%; 60 steps: -28%; the full
     run: -36%)."""
     launch(["--config", RECIPE, f"model.path={tiny_llama}", f"output_dir={tmp_path}", "log.progress_bar=false",
-            "train.max_steps=30", "eval.every_steps=15"], nproc=2, timeout_s=900)
+            "train.max_steps=30", "eval.every_steps=15"], nproc=2, timeout_s=900, launcher="deepspeed")  # as a user starts it
     vals = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r]
     drop = 1 - vals[-1] / vals[0]
     print(f"tiny recipe eval loss {vals[0]:.4f} -> {vals[-1]:.4f} ({100 * drop:.1f}% lower); all: {[round(v, 4) for v in vals]}")

@@ -1,4 +1,4 @@
-"""Distributed tier: 2 gloo ranks on CPU through the deepspeed launcher, against one plain process.
+"""Distributed tier: 2 gloo ranks on CPU (tests/spawn_ranks.py), against one plain process.
 
 Covers the core acceptance points: ZeRO-3 parity with a single process (full fp32, QLoRA), real
 sharding of every partitioned parameter (4-bit included), the saved adapter / model round trip, and

@@ -2,6 +2,8 @@
 SmolLM2-135M-Instruct (ZeRO-3 QLoRA, 2 CPU ranks, bitsandbytes' repacking path forced on any CPU) and
 its held-out accuracy goes from chance to near perfect. Every figure the harness logged is then
 reproduced with plain libraries only:
+- plain transformers + bitsandbytes (the freshly quantised base with the head's documented starting weight,
+  rebuilt with plain torch): the validation loss and confusion matrix of the untrained model (step 0);
 - plain transformers + bitsandbytes + peft (the saved adapter on a freshly quantised base, each review
   alone and unpadded): the same validation loss (mean cross-entropy) and the same confusion matrix;
 - plain `pipeline("text-classification")` on the `merged` export of the run's step-5 ZeRO-3 checkpoint
@@ -67,12 +69,28 @@ def test_sentiment_head_learns_and_plain_libraries_agree(real_model, tmp_path, r
     tok = AutoTokenizer.from_pretrained(str(real_model))
     head = dict(num_labels=3, pad_token_id=tok.pad_token_id)
     base = ref.load_base(real_model, quantized=quantized, attn="sdpa", auto=AutoModelForSequenceClassification, **head)
+
+    def loss_and_confusion(model) -> tuple[float, list]:
+        with torch.no_grad():  # each review alone, unpadded: (1, C) logits each
+            logits = torch.cat([model(input_ids=tok(r["text"], return_tensors="pt").input_ids).logits.float() for r in rows])
+        predicted = logits.argmax(-1).tolist()
+        return (float(F.cross_entropy(logits, torch.tensor(truth))),
+                [[sum(1 for t, p in zip(truth, predicted) if (t, p) == (i, j)) for j in range(3)] for i in range(3)])
+
+    if quantized:
+        # Before: LoRA's B is 0, so the untrained model is the quantised base with the head's documented start
+        # (README, task: classification): normal(0, initializer_range) drawn from a torch generator seeded
+        # train.seed + 7919 (the recipe's seed: 0), rebuilt here with plain torch.
+        g = torch.Generator().manual_seed(0 + 7919)
+        with torch.no_grad():
+            base.score.weight.copy_(torch.randn(base.score.weight.shape, generator=g) * base.config.initializer_range)
+        loss0, confusion0 = loss_and_confusion(base.eval())
+        print(f"plain transformers + bitsandbytes, untrained head: val_loss {loss0:.6f} (harness {before['val_loss']:.6f}), "
+              f"confusion {confusion0} (harness {before['confusion']})")
+        assert abs(loss0 - before["val_loss"]) <= 1e-4 * max(1.0, loss0) + 1e-6
+        assert confusion0 == before["confusion"]
     model = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
-    with torch.no_grad():
-        logits = torch.cat([model(input_ids=tok(r["text"], return_tensors="pt").input_ids).logits.float() for r in rows])
-    loss = float(F.cross_entropy(logits, torch.tensor(truth)))
-    predicted = logits.argmax(-1).tolist()
-    confusion = [[sum(1 for t, p in zip(truth, predicted) if (t, p) == (i, j)) for j in range(3)] for i in range(3)]
+    loss, confusion = loss_and_confusion(model)
     print(f"plain peft: val_loss {loss:.6f} (harness {after['val_loss']:.6f}), confusion {confusion} (harness {after['confusion']})")
     assert abs(loss - after["val_loss"]) <= 1e-4 * max(1.0, loss) + 1e-6
     assert confusion == after["confusion"]
