@@ -12,8 +12,8 @@ runs it, the smoke recipe, torchrun, the entry scripts, signals to the runner, S
 launchers.
 
 As deepspeed.launcher.launch does, the first rank to exit non-zero stops the others (SIGTERM, then
-SIGKILL after GRACE_S) and its exit code is this process's; a SIGTERM or SIGINT sent here goes to every
-rank.
+SIGKILL after GRACE_S) and its exit code is this process's; a SIGTERM, SIGINT or SIGUSR1 sent here goes to
+every rank.
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ import subprocess
 import sys
 import time
 
-GRACE_S = 10.0  # a survivor's SIGTERM handler may checkpoint; a rank blocked in a collective with a dead one is killed
+# A survivor's SIGTERM handler may checkpoint, and a rank reporting a configuration error ignores SIGTERM and waits
+# 10 s before its line (harness/train.py); past this a rank blocked in a collective with a dead one is killed. The
+# deepspeed launcher waits 30 s too.
+GRACE_S = 30.0
 
 
 def _stop(procs: list) -> None:
@@ -46,18 +49,18 @@ def main() -> int:
         return 2
     n, port, script, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
     procs = []
-    for rank in range(n):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-u", script, *args], env=env))
 
     def forward(signum, _frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):  # before the ranks exist: none is left unsignalled
+        signal.signal(sig, forward)
+    for rank in range(n):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-u", script, *args], env=env))
     while True:
         failed = [p for p in procs if p.poll() not in (None, 0)]
         if failed:
