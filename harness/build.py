@@ -95,6 +95,7 @@ class RunData:
     train_set: list
     val_set: list
     sampler: data.StepSampler
+    longest_row_tokens: int | None = None  # one sample per row: the longest padded row of the run's steps (the memory budget's)
 
 
 def build_runtime(recipe: config.Recipe) -> tuple[preemption.StopFlag, distributed.DistInfo, object]:
@@ -181,8 +182,13 @@ def build_data(recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo,
                                lengths=lengths, unit="packed rows" if recipe.data.packing else "samples")
     for line in stats.lines(recipe.data.seq_len):
         log.message(line)
-    log.log({"data": stats.record()})
-    return RunData(tokenizer, pad_id, train_set, val_set, sampler)
+    longest = None
+    if not (recipe.data.packing or recipe.data.padding_free):  # padded to each micro-batch's longest sample, not to seq_len
+        longest = sampler.longest_sample(data.sample_lengths(train_set), t.max_steps)
+        log.message(f"data: the longest padded row of the run's {t.max_steps} steps is {longest} tokens (data.seq_len {recipe.data.seq_len}): "
+                    "the memory report's budget counts that")
+    log.log({"data": {**stats.record(), "longest_padded_row_tokens": longest}})
+    return RunData(tokenizer, pad_id, train_set, val_set, sampler, longest)
 
 
 def build_model(recipe: config.Recipe, plan: RunPlan, dist: distributed.DistInfo, log: metrics.MetricsLogger, model_cfg: dict):

@@ -444,7 +444,7 @@ def write_memory_report(run: Run, step: int) -> None:
     from harness import memory
 
     try:
-        budget = memory.budget_for_plan(run.recipe, run.plan)
+        budget = memory.budget_for_plan(run.recipe, run.plan, row_tokens=run.data.longest_row_tokens)
     except (ValueError, KeyError) as e:  # an architecture the budget does not model: report the measurement alone
         run.log.message(f"memory report without a budget: {e}")
         budget = None

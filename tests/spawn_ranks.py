@@ -2,6 +2,7 @@
 their launchers' own start-up.
 
     python tests/spawn_ranks.py N MASTER_PORT SCRIPT [ARGS ...]
+    python tests/spawn_ranks.py --preload N MASTER_PORT SCRIPT [ARGS ...]
 
 Each rank gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR (127.0.0.1) and MASTER_PORT in
 its environment, the variables harness/distributed.py reads from any launcher, and shares this process's
@@ -10,6 +11,12 @@ import torch and DeepSpeed: about 6.6 CPU-seconds and 5-11 s of wall time per 2-
 file imports the standard library only. The tests that are about launching (the demo as `make demo`
 runs it, the smoke recipe, torchrun, the entry scripts, signals to the runner, Slurm) keep the real
 launchers.
+
+With --preload this process imports the training stack once (torch, DeepSpeed, transformers, peft,
+bitsandbytes: about 7 CPU-seconds per process, the larger part of a tiny 2-rank test) and each rank is a
+fork of it that runs SCRIPT with those modules already loaded; harness/train.py runs as the module
+harness.train (what its own entry re-executes into). Nothing has started a thread or a process group when
+it forks (checked). The tests of launching and of signals keep separate interpreters.
 
 As deepspeed.launcher.launch does, the first rank to exit non-zero stops the others (SIGTERM, then
 SIGKILL after GRACE_S) and its exit code is this process's; a SIGTERM, SIGINT or SIGUSR1 sent here goes to
@@ -43,12 +50,96 @@ def _stop(procs: list) -> None:
             p.wait()
 
 
+PRELOAD = ("torch", "deepspeed", "transformers", "peft", "bitsandbytes")
+
+
+class _Forked:
+    """A forked rank with the part of subprocess.Popen's interface used below."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _run_rank(script: str, args: list) -> int:
+    """In a forked rank: run `script` as __main__ (harness/train.py as the module harness.train) and exit."""
+    import runpy
+    import traceback
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    sys.stdout.reconfigure(write_through=True)  # as python -u
+    sys.stderr.reconfigure(write_through=True)
+    try:  # the bitsandbytes repacking path forced in the parent (tests/bnb_repack) is this process's too: say so
+        import sitecustomize
+
+        if getattr(sitecustomize, "forced_in_this_process", lambda: False)():
+            sitecustomize.record()
+    except ImportError:
+        pass
+    code = 0
+    try:
+        entry = os.path.realpath(script)
+        if entry == os.path.realpath(os.path.join(os.path.dirname(__file__), "..", "harness", "train.py")):
+            sys.argv = [entry, *args]
+            runpy.run_module("harness.train", run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [script, *args]
+            sys.path.insert(0, os.path.dirname(entry))
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> int:
-    if len(sys.argv) < 4:
+    preload = len(sys.argv) > 1 and sys.argv[1] == "--preload"
+    argv = sys.argv[2:] if preload else sys.argv[1:]
+    if len(argv) < 3:
         print(__doc__, file=sys.stderr)
         return 2
-    n, port, script, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    n, port, script, args = int(argv[0]), argv[1], argv[2], argv[3:]
     procs = []
+    if preload:
+        import importlib
+        import threading
+
+        for name in PRELOAD:
+            importlib.import_module(name)
+        assert threading.active_count() == 1, f"threads before fork: {threading.enumerate()}"
+        sys.stdout.flush()
+        sys.stderr.flush()
 
     def forward(signum, _frame):
         for p in procs:
@@ -60,7 +151,15 @@ def main() -> int:
     for rank in range(n):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-u", script, *args], env=env))
+        if not preload:
+            procs.append(subprocess.Popen([sys.executable, "-u", script, *args], env=env))
+            continue
+        pid = os.fork()
+        if pid == 0:
+            os.environ.clear()
+            os.environ.update(env)
+            _run_rank(script, args)
+        procs.append(_Forked(pid))
     while True:
         failed = [p for p in procs if p.poll() not in (None, 0)]
         if failed:

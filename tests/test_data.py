@@ -321,6 +321,21 @@ def test_length_grouped_batches_keep_the_global_batch_and_cut_padding():
     assert padding(lengths, 2) < 0.2 * padding(None, 2)
 
 
+# (grouped by length or not, world size, steps: within the first epoch, across its boundary, past max_epochs)
+@pytest.mark.parametrize("grouped, world, steps", [(False, 2, 3), (True, 2, 3), (False, 4, 40), (True, 1, 40), (False, 2, 400)])
+def test_longest_sample_is_the_longest_padded_micro_batch_the_windows_make(grouped, world, steps):
+    """StepSampler.longest_sample (what the memory budget is given for one sample per row) equals the longest sample
+    in any rank's micro-batch over the run's steps, read from the windows themselves; past max_epochs, the longest."""
+    lengths = np.random.default_rng(1).integers(5, 500, 1000)
+    G, mb = 32, 4
+    samplers = [data.StepSampler(1000, G, mb, world, r, 3, lengths=lengths if grouped else None) for r in range(world)]
+    seen = max(int(lengths[m].max()) for step in range(steps) for s in samplers for m in s.window(step))
+    max_epochs = 6  # 31 steps an epoch: 400 steps are 13 epochs
+    expect = int(lengths.max()) if steps > max_epochs * samplers[0].steps_per_epoch else seen
+    assert samplers[-1].longest_sample(lengths, steps, max_epochs=max_epochs) == expect
+    assert steps > 3 or expect < int(lengths.max())  # a short run sees less than the data set's longest
+
+
 # ------------------------------------------------------------------------------------------------
 # Train / validation split
 # ------------------------------------------------------------------------------------------------

@@ -182,6 +182,22 @@ def test_budget_for_recipe(tmp_path):
     assert tiny.fits is False and tiny.headroom_bytes < 0
 
 
+@pytest.mark.parametrize("packing, row_tokens, counted", [(False, 300, 300), (False, 4096, 2048), (True, 300, 2048)])
+def test_row_tokens_is_the_padded_length_one_sample_per_row(tmp_path, packing, row_tokens, counted):
+    """Without packing, the longest padded row the data gives (capped at data.seq_len) is the budget's sequence
+    length: the same budget as data.seq_len set to it. Packed rows fill seq_len whatever the samples."""
+    from harness.config import load_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(_cfg("llama-3.1-8b")))
+    over = [f"model.path={tmp_path}", f"data.packing={str(packing).lower()}", "data.seq_len=2048"]
+    recipe = load_recipe(str(REPO / "harness/recipes/llama3_8b_qlora.yaml"), over)
+    same = load_recipe(str(REPO / "harness/recipes/llama3_8b_qlora.yaml"), [*over[:-1], f"data.seq_len={counted}"])
+    b = budget_for_recipe(recipe, world_size=8, device_memory_bytes=None, row_tokens=row_tokens)
+    ref = budget_for_recipe(same, world_size=8, device_memory_bytes=None)
+    assert {k: v for k, v in b.phase_bytes.items() if k != "generate"} == {k: v for k, v in ref.phase_bytes.items() if k != "generate"}
+    assert b.peak_bytes < budget_for_recipe(recipe, world_size=8, device_memory_bytes=None).peak_bytes or counted == 2048
+
+
 def test_cli_outputs_and_exit_codes(tmp_path, capsys):
 
     from harness.memory import cli as memory_budget
@@ -225,6 +241,12 @@ def test_cli_plot(tmp_path):
     (dict(method="lora", virtual_tokens=20, checkpointing="none", precision="fp32", micro_batch=2, seq_len=1024), 0.005, 0.005),
     (dict(method="lora", lora_targets=("q_proj", "v_proj"), checkpointing="none"), 0.001, 0.001),
     (dict(method="lora", lora_targets=("q_proj", "v_proj"), checkpointing="none", zero_stage=0), 0.001, 0.001),
+    # kernels: [linear_cross_entropy] (the fused, chunked loss head, 128,256-token vocabulary): gradients made in the
+    # forward and kept to the backward, one chunk of fp32 logits at a time; a trained head's dW too (method=full)
+    (dict(checkpointing="none", fused_loss=True), 0.001, 0.01),
+    (dict(checkpointing="full", fused_loss=True, precision="fp32"), 0.001, 0.02),
+    (dict(method="full", checkpointing="full", fused_loss=True, device="cuda"), 0.003, 0.01),
+    (dict(method="full", checkpointing="none", fused_loss=True, precision="fp32"), 0.001, 0.001),
 ])
 def test_engines_agree_on_every_k_lora_dropout_a_classifier_and_a_soft_prompt(variant, tol_saved, tol_peaks):
     """every_k checkpointing is exact and so is what a classifier saves; its peaks, reached in the final norm's fp32

@@ -108,6 +108,22 @@ class StepSampler:
         mine = self._perm[k * self.G + self.rank * per_rank : k * self.G + (self.rank + 1) * per_rank]
         return [mine[i : i + self.mb] for i in range(0, per_rank, self.mb)]
 
+    def longest_sample(self, lengths, steps: int, max_epochs: int = 64) -> int:
+        """The longest sample (tokens) any rank's micro-batch holds in the first `steps` optimizer steps: a padded
+        micro-batch is as long as its longest sample, so this is the longest padded row the run will train on.
+        All ranks' global batches count (every rank must fit); the order is the pure function of the step
+        above, so this reads indices only. A run over more than `max_epochs` epochs gets the data set's longest."""
+        lengths = np.asarray(lengths)
+        epochs = -(-steps // self.steps_per_epoch)
+        if epochs > max_epochs:
+            return int(lengths.max())
+        longest = 0
+        for e in range(epochs):
+            order = self._epoch_order(e)
+            last = min(self.steps_per_epoch, steps - e * self.steps_per_epoch)
+            longest = max(longest, int(lengths[order[: last * self.G]].max()))
+        return longest
+
 
 def eval_batches(num_samples: int, micro_batch: int, world_size: int, rank: int, max_samples: int = 0):
     """Validation micro-batches for this rank, plus a weight per sample (0 for padding repeats).

@@ -22,13 +22,22 @@ __all__ = ["ActivationProfile", "Budget", "Cluster", "Line", "ModelShape", "Trai
            "plan_for_target", "setup_from_plan", "setup_from_recipe"]
 
 
-def setup_from_plan(recipe, plan) -> TrainSetup:
-    """TrainSetup of a resolved RunPlan (harness/plan.py): the budget models exactly what the run does."""
+def setup_from_plan(recipe, plan, row_tokens: int | None = None) -> TrainSetup:
+    """TrainSetup of a resolved RunPlan (harness/plan.py): the budget models exactly what the run does.
+
+    row_tokens: the longest padded row the run's data gives (StepSampler.longest_sample over its steps). One
+    sample per row (no packing) pads a micro-batch to its longest sample, not to data.seq_len: short samples
+    then cost what they hold. None: data.seq_len, the worst case (before the data is tokenised)."""
     z = plan.ds.get("zero_optimization", {})
     targets = recipe.lora.target_modules
     grad_dtype = (plan.ds.get("data_types") or {}).get("grad_accum_dtype")
     evals = recipe.eval.every_steps > 0
     method, seq_len, virtual = recipe.method, recipe.data.seq_len, 0
+    unpadded_rows = recipe.data.packing or recipe.data.padding_free  # packed rows fill seq_len; flat rows hold the micro-batch
+    if row_tokens is not None and not unpadded_rows:
+        if row_tokens < 1:
+            raise ValueError(f"row_tokens must be >= 1, got {row_tokens}")
+        seq_len = min(seq_len, row_tokens)
     if method == "prompt_tuning":
         # A soft prompt: no adapters over a frozen base (16-bit, or NF4 with prompt_tuning.base_4bit), on rows
         # P positions longer (the virtual tokens).
@@ -63,7 +72,7 @@ def setup_from_plan(recipe, plan) -> TrainSetup:
         generate_batch=min(recipe.eval.generate_batch_size, recipe.eval.generate_samples) if evals else 0,
         eval_batch=plan.eval_batch_size if evals and plan.eval_batch_size > plan.micro_batch_size else 0,
         fused_loss="linear_cross_entropy" in plan.kernels,
-        generate_tokens=seq_len + recipe.eval.max_new_tokens,
+        generate_tokens=recipe.data.seq_len + virtual + recipe.eval.max_new_tokens,  # validation prompts: up to seq_len
         generate_gather=recipe.eval.generate_gather,
         num_labels=len(recipe.data.labels) if recipe.task == "classification" else 0,
         virtual_tokens=virtual,
@@ -95,7 +104,8 @@ def setup_from_recipe(recipe, world_size: int, *, device: str = "cuda", flash_at
 
 
 def budget_for_plan(recipe, plan, *, model_cfg: dict | None = None, shape: ModelShape | None = None, engine: str = "analytic",
-                    host_data_bytes: int = 0, gpus_per_node: int | None = None, host_ram_bytes: int | None = None) -> Budget:
+                    host_data_bytes: int = 0, gpus_per_node: int | None = None, host_ram_bytes: int | None = None,
+                    row_tokens: int | None = None) -> Budget:
     """The per-rank Budget of `recipe` run as `plan`; `fits` is set when plan.device_memory_bytes is known.
 
     train.py refuses a run with `if b.fits is False: raise ConfigError(...)`."""
@@ -107,7 +117,7 @@ def budget_for_plan(recipe, plan, *, model_cfg: dict | None = None, shape: Model
     if cfg is None and (shape is None or engine == "trace"):
         cfg = config.read_model_config(recipe.model.path)
     shape = shape or ModelShape.from_config(cfg, name=str(recipe.model.path))
-    setup = setup_from_plan(recipe, plan)
+    setup = setup_from_plan(recipe, plan, row_tokens)
     profile = None
     if engine == "trace":
         from harness.memory.trace import trace_profile
@@ -126,8 +136,8 @@ def budget_for_plan(recipe, plan, *, model_cfg: dict | None = None, shape: Model
 
 def budget_for_recipe(recipe, world_size: int, device_memory_bytes: int | None, *, device: str = "cuda", flash_attn: bool | None = None,
                       engine: str = "analytic", host_data_bytes: int = 0, gpus_per_node: int | None = None,
-                      host_ram_bytes: int | None = None) -> Budget:
+                      host_ram_bytes: int | None = None, row_tokens: int | None = None) -> Budget:
     """The per-rank Budget of `recipe` on `world_size` ranks of a target machine (see plan_for_target)."""
     plan = plan_for_target(recipe, world_size, device=device, flash_attn=flash_attn, device_memory_bytes=device_memory_bytes)
     return budget_for_plan(recipe, plan, engine=engine, host_data_bytes=host_data_bytes, gpus_per_node=gpus_per_node,
-                           host_ram_bytes=host_ram_bytes)
+                           host_ram_bytes=host_ram_bytes, row_tokens=row_tokens)

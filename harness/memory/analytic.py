@@ -236,6 +236,13 @@ def logit_width(m: ModelShape, t: TrainSetup) -> int:
     return t.num_labels or m.vocab
 
 
+def fused_chunk_tokens(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk of the fused linear_cross_entropy kernel: its own rule (one place for it)."""
+    from harness.kernels.linear_cross_entropy import default_chunk_tokens
+
+    return default_chunk_tokens(n_tokens, hidden, vocab)
+
+
 def lora_targets(setup: TrainSetup) -> tuple:
     """The adapted linear names (all-linear = every decoder-layer linear; peft skips lm_head)."""
     return LINEAR_NAMES if setup.lora_targets in ("all-linear", ("all-linear",)) else tuple(setup.lora_targets)
@@ -326,9 +333,17 @@ def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
     # does, or ZeRO-3's linear saves it) and log_softmax's fp32 output (4 s b V). A classifier's head gives
     # (b, s, C) scores and its loss (b, C): both negligible at C << V, and counted at s b C to stay an
     # upper bound.
-    final_norm = _norm_saved_bytes(m, t, output_saved="lm_head" in input_saving_linears(t) or t.num_labels > 0)
-    logsm = 4 * s_b * v
+    fused = t.fused_loss and not t.num_labels
+    final_norm = _norm_saved_bytes(m, t, output_saved=not fused and ("lm_head" in input_saving_linears(t) or t.num_labels > 0))
+    logsm = 0 if fused else 4 * s_b * v
     saved_base = rope + ckpt_mask + final_norm + logsm
+    if fused:
+        # kernels: [linear_cross_entropy] (harness/kernels/linear_cross_entropy.py) computes the head's gradients in
+        # the forward and keeps them to the backward: dX (s b, h) in the model dtype and, when the head trains
+        # (method=full), dW (V, h) cast to the model dtype (accumulated in fp32 during the forward). No logits and no
+        # saved input.
+        head_grads = d * s_b * h + (d * v * h if not t.peft else 0)
+        saved_base += head_grads
     # Loss transient in forward: the model-dtype logits and their fp32 copy beside the log_softmax output.
     # In fp32 the copy is none, except after a soft prompt: the loss drops the P virtual positions,
     # logits[:, P:], and flattening that strided view copies it (harness/train.py token_loss_sum) unless
@@ -338,6 +353,19 @@ def activation_profile(m: ModelShape, t: TrainSetup) -> ActivationProfile:
     # Backward of the head: grads of log_softmax's output and input (4 + 4 s b V) beside the saved output
     # (the model-dtype grad of the logits comes after the fp32 ones are freed).
     bwd_head_extra = 8 * s_b * v
+    if fused:
+        # One chunk of C tokens at a time, per element of its (C, V) logits: the fp32 logits (log-sum-exp allocates no
+        # second (C, V) buffer, on CPU either: measured) over which softmax - onehot is written in place; in bf16 the
+        # GEMM's output beside its fp32 copy and then the gradient's bf16 cast for the GEMMs (+2), and for a trained
+        # head's dW that cast back in fp32 (+4). A trained head's fp32 dW accumulates beside its model-dtype cast kept
+        # for backward: (4 - d) V h more. Backward: dX (and dW) scaled by the incoming gradient: new tensors.
+        chunk = min(s_b, fused_chunk_tokens(s_b, h, v))
+        bf16 = d == 2
+        per_elem = 4 + (2 if bf16 else 0) + (4 if bf16 and not t.peft else 0)
+        fwd_head_extra = per_elem * chunk * v + ((4 - d) * v * h if not t.peft else 0)
+        if not t.peft and bf16:  # the end of the forward: dW in fp32 and its cast at once
+            fwd_head_extra = max(fwd_head_extra, 4 * v * h)
+        bwd_head_extra = d * s_b * h + (d * v * h if not t.peft else 0)
     i_bytes = d * s_b * m.intermediate
     if t.checkpointing == "none":
         saved_per_layer = layer

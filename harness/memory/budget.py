@@ -140,7 +140,8 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
         lines.append(Line("frozen 16-bit weights" if d == 2 else "frozen weights", "params", frozen16 * d / n,
                           note="embeddings, lm_head, norms" + (", linears" if t.method == "lora" else "")))
     lines.append(Line("trainable weights", "params", trainable * d / n))
-    if t.offload_param and t.zero_stage == 3:  # ZeRO-Infinity: partitions live on the host, gathered on use
+    # Offloaded state leaves the accelerator; on CPU the "device" is host RAM, so it stays in the device total.
+    if t.offload_param and t.zero_stage == 3 and gpu:  # ZeRO-Infinity: partitions live on the host, gathered on use
         for ln in lines:
             ln.phases, ln.note = (), (ln.note + " (offloaded: on host)").strip()
 
@@ -163,15 +164,21 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
                               note="created at the first step"))
         # _prepare_fp32_grad_for_sub_group flattens the grad partition into a new fp32 tensor for the step
         # (a copy even when the model is fp32), one sub-group at a time.
-        opt_lines.append(Line("fp32 gradient for the step", "optimizer", trainable * 4 / n_opt, phases=("step",),
-                              note="one sub-group at a time (sub_group_size 1e9: the whole partition)"))
+        # With offload_optimizer it is a host buffer allocated once, which backward fills (measured on CPU: resident
+        # from the first step on, 4 B x trainable / N).
+        opt_lines.append(Line("fp32 gradient for the step", "optimizer", trainable * 4 / n_opt,
+                              phases=PHASES if t.offload_optimizer else ("step",),
+                              note="one sub-group at a time (sub_group_size 1e9: the whole partition)"
+                                   + ("; offload: a host buffer filled in backward" if t.offload_optimizer else "")))
         if t.zero_stage in (1, 2):
             lines.append(Line("reduce (IPG) bucket", "zero", min(t.reduce_bucket_numel, max(trainable, 1)) * d,
                               note=f"reduce_bucket_size {t.reduce_bucket_numel:,} x {d} B"))
     for ln in opt_lines:
-        if t.offload_optimizer:
+        if t.offload_optimizer and gpu:
             ln.phases = ()
             ln.note += " (offloaded: host)"
+        elif t.offload_optimizer:
+            ln.note += " (offloaded to the host: on CPU that is this memory)"
     lines += opt_lines
 
     # --- ZeRO-3 buffers ---
@@ -190,7 +197,16 @@ def compose(m: ModelShape, t: TrainSetup, world_size: int, profile: ActivationPr
         # the next step's), and a classifier has no V x hidden head at all: the real SmolLM2-135M sentiment head's
         # measured peak holds no gathered 49,152 x 576 embedding (counting it over-predicted by 11.6%).
         lm_head = 0 if t.num_labels else m.vocab * m.hidden
-        at_peak_bytes = linear * quant_bytes + (lm_head + small) * d
+        # Unless backward reaches the embedding: it trains (method=full), or activation checkpointing is on
+        # (transformers' activation_checkpointing_enable calls enable_input_require_grads: the embedding's output
+        # requires grad). ZeRO-3 then visits the embedding in backward too, and while that use lies within
+        # stage3_max_reuse_distance of the lookup (the trace between: about every parameter twice) the embedding
+        # stays gathered from the lookup to the end of backward (measured, an untied 32,000-row tiny Llama: +V x
+        # hidden x d at both peaks; without it -6.2% under checkpointing, -4.3% for full fine-tuning). Tied to a
+        # causal LM's head, it is that matrix already.
+        embed_kept = ((t.checkpointing != "none" or not t.peft) and not (lm_head and m.tie_embeddings)
+                      and 2 * total_numel(m, t) <= t.max_reuse_distance_numel)
+        at_peak_bytes = linear * quant_bytes + (lm_head + small + (m.embed_numel() if embed_kept else 0)) * d
         largest = max(max(x * y for x, y in m.linear_shapes().values()) * quant_bytes, lm_head * d)
         # Gathered copies are separate full-size buffers beside each rank's partition (one rank: none).
         gathered = max(frac * at_peak_bytes, largest) if n > 1 else 0.0

@@ -161,6 +161,11 @@ def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
         with counter, _zero3_linear(setup):
             # `emb * 1` stands for the embedding output: a tensor of the run, kept only if something saves
             # it (fp32 norms, a checkpointed first layer), and gone otherwise.
+            if setup.fused_loss and not setup.num_labels:
+                saved, fwd_peak, loss = _fused_head(model, emb, targets, kwargs, counter)
+                counter.peak = counter.current
+                (grad,) = torch.autograd.grad(loss, emb)
+                return saved, fwd_peak, counter.peak
             logits = model(inputs_embeds=emb * 1, **kwargs).logits
             if setup.virtual_tokens and not setup.num_labels:  # the loss drops the P virtual positions, as train.py
                 logits = logits[:, setup.virtual_tokens:]
@@ -176,6 +181,22 @@ def _measure(cfg: dict, setup: TrainSetup, layers: int) -> tuple[int, int, int]:
             bwd_peak = counter.peak
             del grad, loss
     return saved, fwd_peak, bwd_peak
+
+
+def _fused_head(model, emb, targets, kwargs, counter):
+    """kernels: [linear_cross_entropy]: the decoder's last hidden state into the harness's fused kernel, as
+    harness/kernels/patch.py routes it (its autograd function directly: the public entry's target range check
+    reads values, which fake tensors do not have)."""
+    from harness.kernels.linear_cross_entropy import LinearCrossEntropyFunction, default_chunk_tokens
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.model(inputs_embeds=emb * 1, **kwargs).last_hidden_state
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    weight = base.lm_head.weight
+    chunk = default_chunk_tokens(hidden2d.shape[0], weight.shape[1], weight.shape[0])
+    loss = LinearCrossEntropyFunction.apply(hidden2d, weight, None, targets, -100, "sum", chunk)
+    del hidden, hidden2d
+    return counter.current, counter.peak, loss
 
 
 def trace_profile(cfg: dict, setup: TrainSetup) -> ActivationProfile:

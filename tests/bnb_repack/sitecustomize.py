@@ -16,6 +16,24 @@ import sys
 _TARGET = "bitsandbytes.nn.modules"
 
 
+def _forced() -> bool:
+    return True
+
+
+def record() -> None:
+    """Append this process's pid to $BNB_REPACK_MARKER: lets a test check that the forced path is in each of its
+    processes (tests/spawn_ranks.py calls it in a rank forked after the patched module was imported)."""
+    marker = os.environ.get("BNB_REPACK_MARKER")
+    if marker:
+        with open(marker, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def forced_in_this_process() -> bool:
+    mod = sys.modules.get(_TARGET)
+    return mod is not None and getattr(mod, "has_avx512bf16", None) is _forced
+
+
 class _ForceRepack(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name != _TARGET:
@@ -27,11 +45,8 @@ class _ForceRepack(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            module.has_avx512bf16 = lambda: True
-            marker = os.environ.get("BNB_REPACK_MARKER")
-            if marker:  # lets a test check that this ran in each of its processes
-                with open(marker, "a") as f:
-                    f.write(f"{os.getpid()}\n")
+            module.has_avx512bf16 = _forced
+            record()
 
         spec.loader.exec_module = exec_module
         return spec
