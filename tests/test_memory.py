@@ -128,18 +128,43 @@ def test_checkpointing_and_micro_batch_move_the_peak_the_right_way():
     assert compose(shape, dataclasses.replace(base, micro_batch=2), 8).phase_bytes["forward"] > compose(shape, base, 8).phase_bytes["forward"]
 
 
-def test_search_finds_changes_that_fit():
+# (setup, nodes of 8 x 80 GiB, sentence fragments): the 70B QLoRA run that fits on 1 of 8 given nodes with headroom;
+# one whose recomputation must rise; one that needs two settings changed
+@pytest.mark.parametrize("setup, nodes, said", [
+    (dict(seq_len=2048, checkpointing="full"), 8, ["Fewest nodes on which it fits as configured: 1 (8 GPUs", "the 8 given are more",
+                                                  "No offload is needed."]),
+    (dict(seq_len=8192, checkpointing="none"), 1, ["It does not fit on 1 node",
+                                                   "The smallest change that makes it fit: train.gradient_checkpointing="]),
+    (dict(seq_len=16384, micro_batch=4, checkpointing="none"), 1, ["The smallest change that makes it fit: train.micro_batch_size=1 "
+                                                                   "train.gradient_checkpointing=full"]),
+])
+def test_fit_search_says_what_an_operator_needs_and_each_claim_holds(setup, nodes, said):
+    """The sentences name the fewest nodes, the largest micro-batch and least recomputation that fit, whether offload
+    is needed, or the smallest change; and the budget agrees with every figure (the next micro-batch up does not
+    fit, one node fewer does not fit, the named change fits)."""
     from harness.memory.report import search_fit
 
     shape = load_model_shape("llama-3.1-70b")
-    setup = TrainSetup(method="qlora", seq_len=8192, checkpointing="none", zero_stage=3)
-    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
-    assert not compose(shape, setup, 8, cluster=cluster).fits
-    found = search_fit(shape, setup, cluster)
-    policy = found["cheapest_checkpointing"]
-    assert policy is not None
-    fixed = dataclasses.replace(setup, checkpointing=policy.split()[0], checkpoint_every_k=int(policy[-2]) if "k=" in policy else 2)
-    assert compose(shape, fixed, 8, cluster=cluster).fits
+    t = TrainSetup(method="qlora", zero_stage=3, **setup)
+    cluster = Cluster(nodes=nodes, gpus_per_node=8, gpu_memory_bytes=80 * GIB)
+    fits = lambda tt, cl=cluster: compose(shape, tt, cl.world_size, cluster=cl).fits  # noqa: E731
+    found = search_fit(shape, t, cluster)
+    text = " ".join(found["sentences"])
+    for fragment in said:
+        assert fragment in text, text
+    assert found["fits"] == fits(t)
+    if found["nodes_needed"] is not None:
+        n = found["nodes_needed"]
+        assert fits(t, dataclasses.replace(cluster, nodes=n)) and (n == 1 or not fits(t, dataclasses.replace(cluster, nodes=n // 2)))
+    if found["largest_micro_batch"]:
+        mb = found["largest_micro_batch"]
+        assert fits(dataclasses.replace(t, micro_batch=mb)) and not fits(dataclasses.replace(t, micro_batch=mb + 1))
+    change = text.split("The smallest change that makes it fit: ")[1].split(" (")[0].rstrip(".") if "smallest change" in text else ""
+    if change:
+        kw = {"train.gradient_checkpointing": "checkpointing", "train.checkpoint_every_k": "checkpoint_every_k",
+              "train.micro_batch_size": "micro_batch"}
+        fixed = {kw[k]: (int(v) if v.isdigit() else v) for k, v in (item.split("=") for item in change.split())}
+        assert fits(dataclasses.replace(t, **fixed)), change
 
 
 def test_deepspeed_estimate_is_its_model_states_formula():

@@ -159,7 +159,9 @@ def main(argv=None) -> int:
                 f"{states / GIB:.2f} GiB/GPU, training peak {max(budget.phase_bytes[p] for p in ('forward', 'backward', 'step')) / GIB:.2f} GiB, "
                 f"overall peak {budget.peak_bytes / GIB:.2f} GiB ({budget.peak_phase}). Why: {ds['why_different']}")
     if not args.no_search:
-        extra["to make it fit / headroom use"] = report.search_fit(shape, setup, cluster)
+        found = report.search_fit(shape, setup, cluster)
+        extra["what fits"] = " ".join(found.pop("sentences"))
+        extra["what fits (figures)"] = found
     print(report.markdown(budget, extra) if args.markdown else report.text_table(budget, extra))
     if args.json:
         report.write_json(budget, args.json, {"extra": extra, "setup": dataclasses.asdict(setup), "shape": dataclasses.asdict(shape)})

@@ -111,36 +111,88 @@ def deepspeed_estimate(m: ModelShape, t: TrainSetup, cluster: Cluster) -> dict:
 
 
 def search_fit(m: ModelShape, t: TrainSetup, cluster: Cluster, profile_fn=activation_profile, max_micro_batch: int = 64) -> dict:
-    """Cheapest changes that make the run fit: largest micro-batch, cheapest checkpointing, offload, GPUs."""
+    """What an operator needs from the budget, as figures and as plain sentences (`sentences`):
+    the fewest nodes (and GPUs) on which the run fits as configured; on the given nodes, the largest micro-batch
+    and the least recomputation that fit and whether any offload is needed; for a run that does not fit, the
+    smallest change that makes it fit (one setting at a time, the least costly first)."""
 
-    def fits(tt: TrainSetup, cl: Cluster) -> tuple[bool, int]:
-        b = compose(m, tt, cl.world_size, profile_fn(m, tt), cluster=cl)
-        return bool(b.fits), b.peak_bytes
+    def fits(tt: TrainSetup, cl: Cluster = cluster) -> bool:
+        return bool(compose(m, tt, cl.world_size, profile_fn(m, tt), cluster=cl).fits)
 
-    out: dict = {}
-    best = 0
-    mb = 1
-    while mb <= max_micro_batch and fits(dataclasses.replace(t, micro_batch=mb), cluster)[0]:
-        best = mb
-        mb *= 2
-    if best:  # refine between best and 2*best
+    def ckpt_name(p: str, k: int) -> str:
+        nth = f"{k}{'nd' if k % 10 == 2 and k % 100 != 12 else 'rd' if k % 10 == 3 and k % 100 != 13 else 'th'}"
+        return f"every {nth} layer (every_k, k={k})" if p == "every_k" else p
+
+    out: dict = {"fits": fits(t)}
+    gpn, gib = cluster.gpus_per_node, cluster.gpu_memory_bytes / GIB
+    # Fewest nodes: 1, 2, 4, ... up to 64 times the given count (the run's own micro-batch and checkpointing).
+    nodes = 1
+    while nodes <= 64 * cluster.nodes and not fits(t, dataclasses.replace(cluster, nodes=nodes)):
+        nodes *= 2
+    out["nodes_needed"] = nodes if nodes <= 64 * cluster.nodes else None
+    best, mb = 0, 1
+    while mb <= max_micro_batch and fits(dataclasses.replace(t, micro_batch=mb)):
+        best, mb = mb, mb * 2
+    if best:  # refine between best and 2 * best
         lo, hi = best, min(2 * best, max_micro_batch + 1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(dataclasses.replace(t, micro_batch=mid), cluster)[0] else (lo, mid)
+            lo, hi = (mid, hi) if fits(dataclasses.replace(t, micro_batch=mid)) else (lo, mid)
         best = lo
     out["largest_micro_batch"] = best or None
     policies = [("none", t.checkpoint_every_k), ("every_k", 4), ("every_k", 2), ("full", 2)]
-    out["cheapest_checkpointing"] = next((f"{p}" + (f" (k={k})" if p == "every_k" else "") for p, k in policies
-                                          if fits(dataclasses.replace(t, checkpointing=p, checkpoint_every_k=k), cluster)[0]), None)
+    cheapest = next(((p, k) for p, k in policies if fits(dataclasses.replace(t, checkpointing=p, checkpoint_every_k=k))), None)
+    out["cheapest_checkpointing"] = None if cheapest is None else (cheapest[0] + (f" (k={cheapest[1]})" if cheapest[0] == "every_k" else ""))
     offloads = [("offload optimizer", dict(offload_optimizer=True)), ("offload optimizer + params", dict(offload_optimizer=True, offload_param=True))]
-    out["offload"] = next((name for name, kw in offloads if t.zero_stage == 3 and fits(dataclasses.replace(t, **kw), cluster)[0]), None)
-    nodes = cluster.nodes
-    while nodes <= 64 * cluster.nodes and not fits(t, dataclasses.replace(cluster, nodes=nodes))[0]:
-        nodes *= 2
-    out["nodes_needed"] = nodes if nodes <= 64 * cluster.nodes else None
+    if out["fits"] and not (t.offload_optimizer or t.offload_param):
+        out["offload"] = "none needed"
+    else:
+        out["offload"] = next((name for name, kw in offloads if t.zero_stage == 3 and fits(dataclasses.replace(t, **kw))), None)
+    gen = []
     if t.generate_batch:  # the eval's greedy generation: fewer prompts at a time, or no whole-model gather
         gen = [(f"eval.generate_batch_size={b}", dict(generate_batch=b)) for b in (8, 4, 2, 1) if b < t.generate_batch]
         gen += [("eval.generate_gather=false", dict(generate_gather=False))]
-        out["generation"] = next((name for name, kw in gen if fits(dataclasses.replace(t, **kw), cluster)[0]), None)
+        out["generation"] = next((name for name, kw in gen if fits(dataclasses.replace(t, **kw))), None)
+
+    said = []
+    where = f"{cluster.nodes} node{'s' * (cluster.nodes > 1)} x {gpn} GPUs of {gib:.0f} GiB"
+    if out["nodes_needed"] is None:
+        said.append(f"It does not fit on up to {64 * cluster.nodes} nodes of {gpn} x {gib:.0f} GiB GPUs as configured.")
+    else:
+        n = out["nodes_needed"]
+        said.append(f"Fewest nodes on which it fits as configured: {n} ({n * gpn} GPUs of {gib:.0f} GiB)"
+                    + (f"; the {cluster.nodes} given are more than it needs." if n < cluster.nodes else "."))
+    if out["fits"]:
+        said.append(f"On {where}: the largest micro-batch that fits is {best} (train.micro_batch_size; now {t.micro_batch}); "
+                    f"the least recomputation that fits is {ckpt_name(*cheapest)} (train.gradient_checkpointing; now {t.checkpointing}).")
+        in_use = "optimizer" + (" + params" if t.offload_param else "")
+        said.append("No offload is needed." if out["offload"] == "none needed" else f"Offload in use: {in_use}.")
+    else:
+        # The smallest change first: one setting, the least costly to throughput first.
+        fixes = []
+        if best and best < t.micro_batch:
+            fixes.append(f"train.micro_batch_size={best} (from {t.micro_batch}; raise gradient accumulation to keep the global batch)")
+        if cheapest is not None and policies.index(cheapest) > [p for p, _ in policies].index(t.checkpointing):  # more recomputation
+            every = f" train.checkpoint_every_k={cheapest[1]}" if cheapest[0] == "every_k" else ""
+            fixes.append(f"train.gradient_checkpointing={cheapest[0]}{every}")
+        if gen and out.get("generation"):
+            fixes.append(out["generation"])
+        if out["nodes_needed"] is not None and out["nodes_needed"] > cluster.nodes:
+            fixes.append(f"{out['nodes_needed']} nodes ({out['nodes_needed'] * gpn} GPUs) instead of {cluster.nodes}")
+        if out["offload"]:
+            fixes.append(f"{out['offload']} (ds_configs/zero3_offload_{'all' if 'params' in out['offload'] else 'optimizer'}.json; slower)")
+        if not fixes:  # no one setting is enough: the combinations, the least costly first
+            combos = [("train.micro_batch_size=1 train.gradient_checkpointing=full", dict(micro_batch=1, checkpointing="full"))]
+            if t.zero_stage == 3:
+                combos += [(f"{combos[0][0]} and {name} (ds_configs/zero3_offload_{'all' if 'params' in name else 'optimizer'}.json; slower)",
+                            dict(micro_batch=1, checkpointing="full", **kw)) for name, kw in offloads]
+            combo = next((name for name, kw in combos if fits(dataclasses.replace(t, **kw))), None)
+            fixes = [combo] if combo and (t.micro_batch > 1 or t.checkpointing != "full") else []
+        said.append(f"It does not fit on {where}. " + (f"The smallest change that makes it fit: {fixes[0]}." if fixes else
+                                                        "Nothing tried here makes it fit (micro-batch, checkpointing, nodes, offload, "
+                                                        "and micro-batch 1 with full checkpointing and offload): shorten data.seq_len "
+                                                        "or use larger GPUs."))
+        if len(fixes) > 1:
+            said.append("Other single changes that fit: " + "; ".join(fixes[1:]) + ".")
+    out["sentences"] = said
     return out
