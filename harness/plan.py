@@ -249,7 +249,9 @@ def _fit_auto(recipe: Recipe, machine: Machine, model_cfg: dict, micros: list[in
                 if b.fits:
                     before = f"the {tried} with less recomputation or a larger micro-batch do not" if tried else "the first choice"
                     return _explained(plan, auto_ckpt, auto_micro,
-                                      f"auto: budget peak {b.peak_bytes / 2**30:.2f} GiB ({b.peak_phase}) + {b.safety_margin:.0%} margin "
+                                      f"auto: budget peak {b.peak_bytes / 2**30:.2f} GiB ({b.peak_phase}) + "
+                                      + (f"{b.uncertainty:.0%} uncalibrated-GPU band + " if b.uncertainty else "")
+                                      + f"{b.safety_margin:.0%} margin "
                                       f"fits {b.device_memory_bytes / 2**30:.2f} GiB per rank; {before}")
                 tried += 1
     except (ValueError, KeyError) as e:  # an architecture the budget does not model

@@ -182,7 +182,7 @@ def test_exit_code_file_is_written_by_rank_0_only(monkeypatch, tmp_path):
 
 
 
-def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path):
+def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path, capsys):
     import shutil
     from pathlib import Path
 
@@ -203,6 +203,14 @@ def test_a_run_the_budget_rejects_is_refused_with_the_table(tmp_path):
         check(1, 24)  # 70B in 4 bits is ~37 GiB before anything else, whatever checkpointing "auto" picks
     plan = check(64, 80)  # the recipe's own 8 x 8 x 80 GB: fits, no error
     assert "budget peak" in plan.why["gradient_checkpointing"]
+    # A GPU the point estimate fits but the uncalibrated band's upper end does not: a warning, not a refusal.
+    fixed = config.load_recipe(str(repo / "harness" / "recipes" / "llama3_70b_qlora.yaml"),
+                               [f"model.path={tmp_path}", "train.gradient_checkpointing=full", "train.micro_batch_size=1"])
+    peak = memory.budget_for_plan(fixed, memory.plan_for_target(fixed, 64, device="cuda", device_memory_bytes=80 * 2**30, model_cfg=cfg)).peak_bytes
+    between = memory.plan_for_target(fixed, 64, device="cuda", device_memory_bytes=int(peak * 1.1), model_cfg=cfg)
+    assert memory.budget_for_plan(fixed, between).verdict == "may not fit"
+    train.check_memory_budget(fixed, between, cfg)  # no ConfigError
+    assert "may not fit" in capsys.readouterr().err
 
 
 def test_exit_process_flushes_the_streams_and_keeps_the_code():

@@ -14,7 +14,7 @@ import pytest
 from harness.memory import Budget, Cluster, ModelShape, TrainSetup, activation_profile, budget_for_recipe, compose, load_model_shape
 from harness.config import SHIPPED_MODEL_CONFIGS as MODEL_CONFIGS_DIR
 from harness.memory.analytic import GIB, NF4_DQ_BYTES_PER_PARAM
-from harness.memory.budget import SAFETY_MARGIN
+from harness.memory.budget import GPU_UNCALIBRATED_BAND, SAFETY_MARGIN
 from tests.helpers import REPO
 
 SHIPPED = ["llama-3.1-8b", "llama-3.1-70b", "qwen2.5-72b"]
@@ -221,6 +221,23 @@ def test_row_tokens_is_the_padded_length_one_sample_per_row(tmp_path, packing, r
     ref = budget_for_recipe(same, world_size=8, device_memory_bytes=None)
     assert {k: v for k, v in b.phase_bytes.items() if k != "generate"} == {k: v for k, v in ref.phase_bytes.items() if k != "generate"}
     assert b.peak_bytes < budget_for_recipe(recipe, world_size=8, device_memory_bytes=None).peak_bytes or counted == 2048
+
+
+# (device, GPU size as a multiple of the point peak, verdict): on CUDA, uncalibrated, "fits" needs the band's upper end
+@pytest.mark.parametrize("device, times_peak, verdict", [
+    ("cuda", 1.0 + GPU_UNCALIBRATED_BAND + SAFETY_MARGIN + 0.001, "fits"), ("cuda", 1.0 + SAFETY_MARGIN + 0.001, "may not fit"),
+    ("cuda", 1.0, "does not fit"), ("cpu", 1.0 + SAFETY_MARGIN + 0.001, "fits"), ("cpu", 1.0, "does not fit"),
+])
+def test_gpu_verdict_carries_the_uncalibrated_band(device, times_peak, verdict):
+    from harness.memory.report import verdict_line
+
+    shape = load_model_shape("llama-3.1-70b")
+    setup = TrainSetup(method="qlora", seq_len=2048, checkpointing="full", device=device)
+    peak = compose(shape, setup, 8).peak_bytes
+    b = compose(shape, setup, 8, cluster=Cluster(nodes=1, gpus_per_node=8, gpu_memory_bytes=int(peak * times_peak)))
+    assert b.verdict == verdict and b.fits == (verdict == "fits")
+    line = verdict_line(b)
+    assert line.startswith(verdict.upper()) and (("uncalibrated on GPU; +-25%" in line) == (device == "cuda")), line
 
 
 def test_cli_outputs_and_exit_codes(tmp_path, capsys):

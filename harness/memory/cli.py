@@ -8,7 +8,8 @@
         --model llama-3.1-8b --engine both --markdown --json budget.json --plot budget.png
 
 Flags win over the recipe, which wins over the recipe defaults. Exit codes: 0 fits (or no device size
-to judge), 1 does not fit, 2 bad input.
+to judge), 1 does not fit, 2 bad input, 3 may not fit (on GPU the budget is uncalibrated: +-25%; the
+point estimate fits, the band's upper end does not).
 
 Engines: `analytic` (closed forms; milliseconds, no torch import), `trace` (the real HF model at full
 width with 1-2 layers under FakeTensorMode, scaled to all layers), `both` (analytic budget, trace check).
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    return 0 if budget.fits in (None, True) else 1
+    return 0 if budget.fits in (None, True) else 3 if budget.verdict == "may not fit" else 1
 
 
 def _recipe_cfg(args) -> dict:

@@ -27,8 +27,10 @@ def rows(budget: Budget) -> list[tuple[str, str, str, str]]:
 def verdict_line(budget: Budget) -> str:
     if budget.fits is None:
         return f"peak {budget.peak_bytes / GIB:.2f} GiB per rank ({budget.peak_phase}); no device size given"
-    word = "FITS" if budget.fits else "DOES NOT FIT"
-    return (f"{word}: peak {budget.peak_bytes / GIB:.2f} GiB per rank in {budget.peak_phase} "
+    word = (budget.verdict or ("fits" if budget.fits else "does not fit")).upper()
+    band = (f" (uncalibrated on GPU; +-{budget.uncertainty:.0%}: {budget.peak_bytes * (1 - budget.uncertainty) / GIB:.2f}"
+            f"-{budget.peak_bytes * (1 + budget.uncertainty) / GIB:.2f} GiB)") if budget.uncertainty else ""
+    return (f"{word}: peak {budget.peak_bytes / GIB:.2f} GiB per rank in {budget.peak_phase}{band} "
             f"(+{budget.safety_margin:.0%} safety) on {budget.device_memory_bytes / GIB:.2f} GiB; headroom "
             f"{budget.headroom_bytes / GIB:+.2f} GiB; host {budget.host_bytes / GIB:.1f} of {budget.host_ram_bytes / GIB:.0f} GiB per node")
 
