@@ -178,6 +178,9 @@ def train_step(engine, window: list[dict], dist: distributed.DistInfo,
             loss = batch_loss_sum(engine, batch, task)
         with measure("backward"):
             engine.backward(loss * scale, scale_wrt_gas=False)
+        # Drop the graph before the step and the next micro-batch's forward: what autograd functions keep on ctx (the
+        # fused loss kernel's dX, and a trained head's dW) lives as long as the loss's grad_fn.
+        loss = loss.detach()
         if i == len(window) - 1 and engine.zero_optimization_stage() == 0:
             # ZeRO-0 clips without recording the norm: measure the all-reduced gradients here.
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

@@ -117,11 +117,13 @@ class StepSampler:
         epochs = -(-steps // self.steps_per_epoch)
         if epochs > max_epochs:
             return int(lengths.max())
-        longest = 0
+        longest, cap = 0, int(lengths.max())
         for e in range(epochs):
             order = self._epoch_order(e)
             last = min(self.steps_per_epoch, steps - e * self.steps_per_epoch)
             longest = max(longest, int(lengths[order[: last * self.G]].max()))
+            if longest == cap:  # nothing longer to find
+                break
         return longest
 
 

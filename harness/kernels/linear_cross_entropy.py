@@ -8,7 +8,7 @@ backward: the backward needs neither the logits nor the head weight, so under Ze
 gathered again for it. Peak extra memory is one chunk (C x V fp32) plus dX (N x H), against
 (N x V) logits + their fp32 copy + their gradient for the unfused path.
 
-Chunk size (Liger's rule, at least 64 rows): C ~ N / ceil(V / H), so a chunk of logits is about as big as the hidden
+Chunk size (harness/loss_chunks.py; Liger's rule, at least 64 rows): C ~ N / ceil(V / H), so a chunk of logits is about as big as the hidden
 states (Llama-3: V=128256, H=4096 -> 32 chunks; 4096 tokens -> 128-row chunks of 64 MiB fp32).
 
 The cross-entropy step runs as a Triton kernel on GPU (and under TRITON_INTERPRET=1 on CPU), as plain
@@ -17,12 +17,12 @@ in-place PyTorch otherwise; the GEMMs are always torch (cuBLAS / the CPU BLAS).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from harness.kernels import _runtime
+from harness.loss_chunks import MIN_CHUNK_TOKENS, default_chunk_tokens  # noqa: F401 (the rule, torch-free)
 
 REDUCTIONS = ("sum", "mean")
 
@@ -33,12 +33,6 @@ def linear_cross_entropy_reference(hidden, weight, targets, ignore_index: int = 
     return F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=ignore_index, reduction=reduction)
 
 
-MIN_CHUNK_TOKENS = 64  # below this the (C x H) @ (H x V) GEMMs run far from peak (measured 4x slower at C=16 on CPU)
-
-
-def default_chunk_tokens(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
-    n_chunks = max(1, math.ceil(vocab_size / hidden_size))
-    return max(MIN_CHUNK_TOKENS, _runtime.next_pow2(math.ceil(n_tokens / n_chunks)))
 
 
 def _ce_chunk_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, write_grad: bool) -> torch.Tensor:

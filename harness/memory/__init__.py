@@ -71,6 +71,7 @@ def setup_from_plan(recipe, plan, row_tokens: int | None = None) -> TrainSetup:
         loader=plan.loader,
         generate_batch=min(recipe.eval.generate_batch_size, recipe.eval.generate_samples) if evals else 0,
         eval_batch=plan.eval_batch_size if evals and plan.eval_batch_size > plan.micro_batch_size else 0,
+        eval_seq_len=recipe.data.seq_len + virtual if seq_len < recipe.data.seq_len + virtual else 0,  # validation rows: up to seq_len
         fused_loss="linear_cross_entropy" in plan.kernels,
         generate_tokens=recipe.data.seq_len + virtual + recipe.eval.max_new_tokens,  # validation prompts: up to seq_len
         generate_gather=recipe.eval.generate_gather,
@@ -108,7 +109,7 @@ def budget_for_plan(recipe, plan, *, model_cfg: dict | None = None, shape: Model
                     row_tokens: int | None = None) -> Budget:
     """The per-rank Budget of `recipe` run as `plan`; `fits` is set when plan.device_memory_bytes is known.
 
-    train.py refuses a run with `if b.fits is False: raise ConfigError(...)`."""
+    train.py refuses a run whose verdict is "does not fit" and warns for "may not fit" (train.check_memory_budget)."""
     from harness import config
 
     if engine not in ("analytic", "trace"):

@@ -132,6 +132,7 @@ class TrainSetup:
     generate_tokens: int = 0  # the longest generated sequence: prompt (up to seq_len) + eval.max_new_tokens
     generate_gather: bool = True  # ZeRO-3: the whole model gathered on every rank for generation
     eval_batch: int = 0  # eval.batch_size when it exceeds micro_batch (an eval forward then outgrows training's), else 0
+    eval_seq_len: int = 0  # the validation rows' length when seq_len is the training data's (shorter) longest row; 0 = seq_len
     fused_loss: bool = False  # kernels: linear_cross_entropy (the loss is taken in chunks: no full logits)
     num_labels: int = 0  # task=classification: the score head's classes (C x hidden, always trained); 0 = the LM head
     # method=prompt_tuning: P trainable (P, hidden) embeddings before every row and no adapters; `method` then
@@ -237,8 +238,8 @@ def logit_width(m: ModelShape, t: TrainSetup) -> int:
 
 
 def fused_chunk_tokens(n_tokens: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk of the fused linear_cross_entropy kernel: its own rule (one place for it)."""
-    from harness.kernels.linear_cross_entropy import default_chunk_tokens
+    """Rows per chunk of the fused linear_cross_entropy kernel: its own rule (harness/loss_chunks.py, torch-free)."""
+    from harness.loss_chunks import default_chunk_tokens
 
     return default_chunk_tokens(n_tokens, hidden, vocab)
 

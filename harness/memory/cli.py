@@ -8,7 +8,7 @@
         --model llama-3.1-8b --engine both --markdown --json budget.json --plot budget.png
 
 Flags win over the recipe, which wins over the recipe defaults. Exit codes: 0 fits (or no device size
-to judge), 1 does not fit, 2 bad input, 3 may not fit (on GPU the budget is uncalibrated: +-25%; the
+to judge), 1 does not fit, 2 bad input, 3 may not fit (on GPU the budget is uncalibrated: up to +33%; the
 point estimate fits, the band's upper end does not).
 
 Engines: `analytic` (closed forms; milliseconds, no torch import), `trace` (the real HF model at full

@@ -28,8 +28,8 @@ def verdict_line(budget: Budget) -> str:
     if budget.fits is None:
         return f"peak {budget.peak_bytes / GIB:.2f} GiB per rank ({budget.peak_phase}); no device size given"
     word = (budget.verdict or ("fits" if budget.fits else "does not fit")).upper()
-    band = (f" (uncalibrated on GPU; +-{budget.uncertainty:.0%}: {budget.peak_bytes * (1 - budget.uncertainty) / GIB:.2f}"
-            f"-{budget.peak_bytes * (1 + budget.uncertainty) / GIB:.2f} GiB)") if budget.uncertainty else ""
+    band = (f" (uncalibrated on GPU; up to +{budget.uncertainty:.0%}: {budget.peak_bytes * (1 + budget.uncertainty) / GIB:.2f} GiB)"
+            if budget.uncertainty else "")
     return (f"{word}: peak {budget.peak_bytes / GIB:.2f} GiB per rank in {budget.peak_phase}{band} "
             f"(+{budget.safety_margin:.0%} safety) on {budget.device_memory_bytes / GIB:.2f} GiB; headroom "
             f"{budget.headroom_bytes / GIB:+.2f} GiB; host {budget.host_bytes / GIB:.1f} of {budget.host_ram_bytes / GIB:.0f} GiB per node")
@@ -122,16 +122,27 @@ def search_fit(m: ModelShape, t: TrainSetup, cluster: Cluster, profile_fn=activa
         return bool(compose(m, tt, cl.world_size, profile_fn(m, tt), cluster=cl).fits)
 
     def ckpt_name(p: str, k: int) -> str:
-        nth = f"{k}{'nd' if k % 10 == 2 and k % 100 != 12 else 'rd' if k % 10 == 3 and k % 100 != 13 else 'th'}"
-        return f"every {nth} layer (every_k, k={k})" if p == "every_k" else p
+        suffix = {1: "st", 2: "nd", 3: "rd"}.get(k % 10 if k % 100 not in (11, 12, 13) else 0, "th")
+        return f"every {k}{suffix} layer (every_k, k={k})" if p == "every_k" else p
+
+    def recompute(p: str, k: int) -> int:  # layers recomputed in backward
+        return dataclasses.replace(t, checkpointing=p, checkpoint_every_k=k).checkpointed_layers(m.layers)
 
     out: dict = {"fits": fits(t)}
     gpn, gib = cluster.gpus_per_node, cluster.gpu_memory_bytes / GIB
-    # Fewest nodes: 1, 2, 4, ... up to 64 times the given count (the run's own micro-batch and checkpointing).
-    nodes = 1
-    while nodes <= 64 * cluster.nodes and not fits(t, dataclasses.replace(cluster, nodes=nodes)):
-        nodes *= 2
-    out["nodes_needed"] = nodes if nodes <= 64 * cluster.nodes else None
+    # Fewest nodes (the run's own micro-batch and checkpointing): each count up to the given one, then doubling up to
+    # 64 times it; past the given count the fewest between the last that failed and the first that fits.
+    needed = next((n for n in range(1, cluster.nodes + 1) if fits(t, dataclasses.replace(cluster, nodes=n))), None)
+    if needed is None:
+        lo, hi = cluster.nodes, 2 * cluster.nodes
+        while hi <= 64 * cluster.nodes and not fits(t, dataclasses.replace(cluster, nodes=hi)):
+            lo, hi = hi, 2 * hi
+        if hi <= 64 * cluster.nodes:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(t, dataclasses.replace(cluster, nodes=mid)) else (mid, hi)
+            needed = hi
+    out["nodes_needed"] = needed
     best, mb = 0, 1
     while mb <= max_micro_batch and fits(dataclasses.replace(t, micro_batch=mb)):
         best, mb = mb, mb * 2
@@ -167,14 +178,14 @@ def search_fit(m: ModelShape, t: TrainSetup, cluster: Cluster, profile_fn=activa
     if out["fits"]:
         said.append(f"On {where}: the largest micro-batch that fits is {best} (train.micro_batch_size; now {t.micro_batch}); "
                     f"the least recomputation that fits is {ckpt_name(*cheapest)} (train.gradient_checkpointing; now {t.checkpointing}).")
-        in_use = "optimizer" + (" + params" if t.offload_param else "")
+        in_use = " + ".join(x for x, on in (("optimizer", t.offload_optimizer), ("params", t.offload_param)) if on)
         said.append("No offload is needed." if out["offload"] == "none needed" else f"Offload in use: {in_use}.")
     else:
         # The smallest change first: one setting, the least costly to throughput first.
         fixes = []
         if best and best < t.micro_batch:
             fixes.append(f"train.micro_batch_size={best} (from {t.micro_batch}; raise gradient accumulation to keep the global batch)")
-        if cheapest is not None and policies.index(cheapest) > [p for p, _ in policies].index(t.checkpointing):  # more recomputation
+        if cheapest is not None and recompute(*cheapest) > recompute(t.checkpointing, t.checkpoint_every_k):  # more recomputation
             every = f" train.checkpoint_every_k={cheapest[1]}" if cheapest[0] == "every_k" else ""
             fixes.append(f"train.gradient_checkpointing={cheapest[0]}{every}")
         if gen and out.get("generation"):
@@ -184,13 +195,17 @@ def search_fit(m: ModelShape, t: TrainSetup, cluster: Cluster, profile_fn=activa
         if out["offload"]:
             fixes.append(f"{out['offload']} (ds_configs/zero3_offload_{'all' if 'params' in out['offload'] else 'optimizer'}.json; slower)")
         if not fixes:  # no one setting is enough: the combinations, the least costly first
-            combos = [("train.micro_batch_size=1 train.gradient_checkpointing=full", dict(micro_batch=1, checkpointing="full"))]
+            base = " ".join(x for x, on in (("train.micro_batch_size=1", t.micro_batch > 1), ("train.gradient_checkpointing=full",
+                                                                                           t.checkpointing != "full")) if on)
+            combos = [(base, dict(micro_batch=1, checkpointing="full"))] if base else []
             if t.zero_stage == 3:
-                combos += [(f"{combos[0][0]} and {name} (ds_configs/zero3_offload_{'all' if 'params' in name else 'optimizer'}.json; slower)",
-                            dict(micro_batch=1, checkpointing="full", **kw)) for name, kw in offloads]
+                combos += [(f"{base + ' and ' if base else ''}{name} (ds_configs/zero3_offload_{'all' if 'params' in name else 'optimizer'}"
+                            ".json; slower)", dict(micro_batch=1, checkpointing="full", **kw)) for name, kw in offloads]
             combo = next((name for name, kw in combos if fits(dataclasses.replace(t, **kw))), None)
-            fixes = [combo] if combo and (t.micro_batch > 1 or t.checkpointing != "full") else []
-        said.append(f"It does not fit on {where}. " + (f"The smallest change that makes it fit: {fixes[0]}." if fixes else
+            fixes = [combo] if combo else []
+        verdict = compose(m, t, cluster.world_size, profile_fn(m, t), cluster=cluster).verdict  # may not fit: the GPU band's upper end
+        said.append(f"It {'may not fit' if verdict == 'may not fit' else 'does not fit'} on {where}. "
+                    + (f"The smallest change that makes it fit: {fixes[0]}." if fixes else
                                                         "Nothing tried here makes it fit (micro-batch, checkpointing, nodes, offload, "
                                                         "and micro-batch 1 with full checkpointing and offload): shorten data.seq_len "
                                                         "or use larger GPUs."))

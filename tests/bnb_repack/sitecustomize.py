@@ -24,7 +24,7 @@ def record() -> None:
     """Append this process's pid to $BNB_REPACK_MARKER: lets a test check that the forced path is in each of its
     processes (tests/spawn_ranks.py calls it in a rank forked after the patched module was imported)."""
     marker = os.environ.get("BNB_REPACK_MARKER")
-    if marker:
+    if marker and not os.environ.get("SPAWN_RANKS_PARENT"):  # the forking spawner itself trains nothing
         with open(marker, "a") as f:
             f.write(f"{os.getpid()}\n")
 
